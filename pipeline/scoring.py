@@ -1,0 +1,153 @@
+"""The scoring job's Ray Data plan: manifest → crop actors → embed actors → Parquet."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from pipeline import storage, table
+from pipeline.resources import Plan, plan_resources
+from pipeline.settings import Settings
+
+PART_PREFIX = "part-"
+
+
+@dataclass
+class Summary:
+    photos: int = 0
+    skipped: int = 0
+    rows: int = 0
+    faces: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    output: str = ""
+    files: int = 0
+    plan: str = ""
+
+    def lines(self) -> list[str]:
+        rate = self.photos / self.seconds if self.seconds else 0.0
+        status = ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items())) or "none"
+        out = [f"photos scored: {self.photos}" + (f" (skipped {self.skipped} already in the output)" if self.skipped else ""),
+               f"faces found:   {self.faces}",
+               f"rows by status (photos): {status}",
+               f"throughput:    {rate:.1f} photos/s over {self.seconds:.1f} s",
+               f"output:        {self.output} ({self.files} new files, {self.rows} rows)"]
+        return out
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster a job was submitted to, or start a local one bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = {"address": address, "log_to_driver": True}
+    if num_cpus is not None and not address:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
+    """Photos already in an output table (for --resume), and that table's schema."""
+    fs, path = storage.resolve(output)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise storage.StorageError(f"cannot read output {output}: {exc}") from exc
+    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    if not files:
+        return set(), None
+    ds = pads.dataset(files, filesystem=fs, format="parquet")
+    return set(ds.to_table(columns=["image_uri"]).column("image_uri").to_pylist()), ds.schema
+
+
+def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: int | None = None,
+          resume: bool = False, settings: Settings | None = None, plan: Plan | None = None,
+          flip_tta: bool = False, log=print) -> Summary:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data.datasource import FilenameProvider
+
+    from pipeline.stages import CropStage, EmbedStage
+
+    settings = settings or Settings.from_env()
+    started = time.monotonic()
+    tasks: list[tuple[str, str]] = []
+    if model_uri:  # fail on an unreadable model before any photo is touched
+        from pipeline.heads import ModelBundle
+
+        bundle = ModelBundle.load(model_uri)
+        tasks = list(bundle.tasks)
+        log(f"model {model_uri}: version {bundle.model_version}, tasks {[t for t, _ in tasks]}")
+    storage.check_writable(output_uri)
+    manifest = storage.list_images(input_uri, limit=limit)
+    log(f"listed {manifest.num_rows} photos under {input_uri}")
+    skipped = 0
+    if resume:
+        done, schema = existing_uris(output_uri)
+        if schema is not None and not schema.equals(table.prediction_schema(tasks), check_metadata=False):
+            raise storage.StorageError(
+                f"{output_uri} holds a table with other columns (another model?); "
+                "resume into the same model's output or pick a new --output")
+        keep = pc.invert(pc.is_in(manifest.column("image_uri"), pa.array(sorted(done), pa.string())))
+        before = manifest.num_rows
+        manifest = manifest.filter(keep)
+        skipped = before - manifest.num_rows
+        log(f"--resume: {skipped} photos already in {output_uri}, {manifest.num_rows} to score")
+    summary = Summary(skipped=skipped, output=output_uri)
+    if manifest.num_rows == 0:
+        summary.seconds = time.monotonic() - started
+        return summary
+
+    plan = plan or plan_resources(ray.cluster_resources())
+    summary.plan = plan.describe()
+    log(summary.plan)
+    ctx = DataContext.get_current()
+    ctx.execution_options.verbose_progress = False
+    fs, out_path = storage.resolve(output_uri)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
+    blocks = [manifest.slice(i, chunk) for i in range(0, manifest.num_rows, chunk)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        CropStage, fn_constructor_args=(storage.resolve(input_uri)[0], settings),
+        batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
+    ds = ds.map_batches(
+        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta),
+        batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
+        num_gpus=plan.embed_gpus or None,
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))
+    ds.write_parquet(
+        out_path, filesystem=fs, min_rows_per_file=50_000,
+        filename_provider=FilenameProvider(dataset_uuid=f"{PART_PREFIX}{run_id}", file_format="parquet"),
+        ray_remote_args={"num_cpus": plan.write_cpus})
+    summary.seconds = time.monotonic() - started
+    _fill_summary(summary, fs, out_path, run_id)
+    return summary
+
+
+def _fill_summary(summary: Summary, fs: pafs.FileSystem, out_path: str, run_id: str) -> None:
+    """Count what this run wrote, read back from the files themselves."""
+    infos = fs.get_file_info(pafs.FileSelector(out_path, recursive=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File
+             and os.path.basename(i.path).startswith(f"{PART_PREFIX}{run_id}")]
+    summary.files = len(files)
+    if not files:
+        return
+    t = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+        columns=["image_uri", "status", "face_index"])
+    summary.rows = t.num_rows
+    summary.faces = int(pc.sum(pc.is_valid(t.column("face_index"))).as_py() or 0)
+    photos = t.filter(pc.or_(pc.is_null(t.column("face_index")), pc.equal(t.column("face_index"), 0)))
+    summary.photos = photos.num_rows
+    counts = photos.group_by("status").aggregate([("image_uri", "count")])
+    summary.by_status = dict(zip(counts.column("status").to_pylist(), counts.column("image_uri_count").to_pylist()))

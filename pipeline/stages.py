@@ -1,0 +1,92 @@
+"""Ray Data stages (callable classes for ``map_batches``): crop on CPU actors, embed and
+label on GPU actors where the cluster has GPUs.  Scoring and training both use these.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline import table
+from pipeline.settings import Settings
+from pipeline.storage import read_bytes
+
+
+class CropStage:
+    """Photo manifest rows → one row per photo with its faces and 128 px chips."""
+
+    def __init__(self, filesystem: pafs.FileSystem, settings: Settings, io_threads: int = 8) -> None:
+        import cv2
+
+        from pipeline.faces import FaceDetector
+
+        cv2.setNumThreads(1)  # one core per actor: parallelism comes from the actor pool
+        self.fs = filesystem
+        self.settings = settings
+        self.detector = FaceDetector(settings.detector_model, det_max_side=settings.det_max_side,
+                                     min_face=settings.min_face, score_threshold=settings.det_score)
+        self.io = ThreadPoolExecutor(io_threads)  # overlap S3 latency with decoding
+
+    def _read(self, uri: str) -> bytes | Exception:
+        try:
+            return read_bytes(self.fs, uri)
+        except Exception as exc:  # a missing or unreadable object is a row, not a crash
+            return exc
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.photos import analyse_photo
+
+        uris = batch.column("image_uri").to_pylist()
+        rows = []
+        for uri, data in zip(uris, self.io.map(self._read, uris)):
+            if isinstance(data, Exception):
+                rows.append(_row(uri, "read_error", f"{type(data).__name__}: {data}"))
+                continue
+            try:
+                res = analyse_photo(data, self.detector, self.settings.max_pixels, self.settings.max_bytes)
+            except Exception as exc:  # never lose a photo to an unforeseen decoder failure
+                rows.append(_row(uri, "decode_error", f"{type(exc).__name__}: {exc}"))
+                continue
+            rows.append(_row(
+                uri, res.status, res.error, res.width, res.height, len(res.faces),
+                boxes=[float(v) for f in res.faces for v in f.bbox],
+                landmarks=[float(v) for f in res.faces for v in np.ravel(f.landmarks)],
+                scores=[float(f.score) for f in res.faces],
+                chips=np.ascontiguousarray(res.chips).tobytes()))
+        return table.photo_table(rows)
+
+
+def _row(uri: str, status: str, error: str | None = None, width: int | None = None,
+         height: int | None = None, face_count: int = 0, boxes: list | None = None,
+         landmarks: list | None = None, scores: list | None = None, chips: bytes = b"") -> dict:
+    return dict(image_uri=uri, status=status, error=error, width=width, height=height,
+                face_count=face_count, boxes=boxes or [], landmarks=landmarks or [],
+                scores=scores or [], chips=chips)
+
+
+class EmbedStage:
+    """Photo rows with chips → prediction-table rows (embeddings, and labels with a model)."""
+
+    def __init__(self, settings: Settings, model_uri: str | None = None, device_batch: int = 32,
+                 flip_tta: bool = False) -> None:
+        from pipeline.embed import Embedder
+
+        self.embedder = Embedder(settings.weights, flip_tta=flip_tta, batch_size=device_batch)
+        self.bundle = None
+        if model_uri:
+            from pipeline.heads import ModelBundle
+
+            self.bundle = ModelBundle.load(model_uri)
+
+    def __call__(self, photos: pa.Table) -> pa.Table:
+        chips = table.photo_chips(photos, self.embedder.spec.geometry.size)
+        emb = self.embedder(chips)
+        if self.bundle is None:
+            return table.face_rows(photos, emb)
+        counts = photos.column("face_count").to_numpy(zero_copy_only=False)
+        photo_ids = np.repeat(np.arange(len(counts)), counts)
+        preds = self.bundle.predict(emb, photo_ids)
+        return table.face_rows(photos, emb, preds, self.bundle.tasks, self.bundle.model_version)
+

@@ -1,0 +1,142 @@
+"""The prediction table (DESIGN.md contract): schema, and photos → one row per face.
+
+Every listed photo yields at least one row: faces give a row each, a photo without a
+face or with an error gives one row with its status.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+EMBEDDING_DIM = 128
+BBOX = pa.struct([("x", pa.float32()), ("y", pa.float32()), ("w", pa.float32()), ("h", pa.float32())])
+STATUSES = ("ok", "no_face", "decode_error", "read_error", "too_large")
+
+BASE_FIELDS = [
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("face_count", pa.int32(), nullable=False),
+    pa.field("face_index", pa.int32()),
+    pa.field("bbox", BBOX),
+    pa.field("landmarks", pa.list_(pa.float32(), 10)),
+    pa.field("det_score", pa.float32()),
+    pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+]
+
+# The crop stage's output: one row per photo, faces as flat lists, chips concatenated.
+PHOTO_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("face_count", pa.int32()),
+    pa.field("boxes", pa.list_(pa.float32())),       # 4 per face: x, y, w, h
+    pa.field("landmarks", pa.list_(pa.float32())),   # 10 per face
+    pa.field("scores", pa.list_(pa.float32())),
+    pa.field("chips", pa.large_binary()),            # face_count × S × S × 3 uint8
+])
+
+
+def prediction_schema(tasks: Sequence[tuple[str, str]] = ()) -> pa.Schema:
+    """The contract's schema; ``tasks`` are (name, kind) with kind classification|regression."""
+    fields = list(BASE_FIELDS)
+    for name, kind in tasks:
+        fields.append(pa.field(name, pa.string() if kind == "classification" else pa.float32()))
+        fields.append(pa.field(f"{name}_score", pa.float32()))
+    fields.append(pa.field("model_version", pa.string()))
+    return pa.schema(fields)
+
+
+def photo_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PHOTO_SCHEMA)
+
+
+def photo_chips(photos: pa.Table, chip_size: int) -> np.ndarray:
+    """All chips of a batch of photos, in face order, as N×S×S×3 uint8."""
+    parts = [np.frombuffer(b, np.uint8) for b in photos.column("chips").to_pylist() if b]
+    if not parts:
+        return np.zeros((0, chip_size, chip_size, 3), np.uint8)
+    return np.concatenate(parts).reshape(-1, chip_size, chip_size, 3)
+
+
+def face_rows(photos: pa.Table, embeddings: np.ndarray,
+              predictions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+              tasks: Sequence[tuple[str, str]] = (), model_version: str | None = None) -> pa.Table:
+    """Explode photo rows into the prediction table: a row per face, or one per faceless photo.
+
+    ``embeddings`` and each prediction array are in face order (photo by photo).
+    """
+    counts = np.asarray(photos.column("face_count").to_numpy(zero_copy_only=False), np.int64)
+    reps = np.maximum(counts, 1)
+    n = int(reps.sum())
+    photo_of_row = np.repeat(np.arange(len(counts)), reps)
+    has_face = np.repeat(counts > 0, reps)
+    face_index = np.concatenate([np.arange(r) for r in reps]) if n else np.zeros(0, np.int64)
+    face_pos = np.full(n, -1, np.int64)
+    face_pos[has_face] = np.arange(int(counts.sum()))
+
+    def take_photo(name: str) -> pa.Array:
+        return photos.column(name).take(pa.array(photo_of_row))
+
+    def per_face(values: np.ndarray, width: int, typ: pa.DataType) -> pa.Array:
+        flat = np.zeros((n, width), np.float32)
+        flat[has_face] = values.reshape(-1, width)[face_pos[has_face]]
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), width)
+        return _mask(arr.cast(typ) if typ != arr.type else arr, has_face)
+
+    boxes = _flat(photos, "boxes", 4)
+    bbox = pa.StructArray.from_arrays(
+        [pa.array(np.where(has_face, _spread(boxes[:, i], face_pos), 0), pa.float32()) for i in range(4)],
+        fields=list(BBOX), mask=pa.array(~has_face))
+    scores = _flat(photos, "scores", 1)[:, 0]
+    cols: dict[str, pa.Array] = {
+        "image_uri": take_photo("image_uri"),
+        "status": take_photo("status"),
+        "error": take_photo("error"),
+        "width": take_photo("width"),
+        "height": take_photo("height"),
+        "face_count": pa.array(counts[photo_of_row], pa.int32()),
+        "face_index": pa.array(face_index, pa.int32(), mask=~has_face),
+        "bbox": bbox,
+        "landmarks": per_face(_flat(photos, "landmarks", 10), 10, pa.list_(pa.float32(), 10)),
+        "det_score": pa.array(_spread(scores, face_pos), pa.float32(), mask=~has_face),
+        "embedding": per_face(embeddings.astype(np.float32), EMBEDDING_DIM,
+                              pa.list_(pa.float32(), EMBEDDING_DIM)),
+    }
+    for name, kind in tasks:
+        labels, conf = (predictions or {})[name]
+        if kind == "classification":
+            lab = np.empty(n, dtype=object)
+            lab[has_face] = np.asarray(labels, dtype=object)[face_pos[has_face]]
+            cols[name] = pa.array(lab, pa.string(), mask=~has_face)
+        else:
+            cols[name] = pa.array(_spread(np.asarray(labels, np.float32), face_pos), pa.float32(), mask=~has_face)
+        cols[f"{name}_score"] = pa.array(_spread(np.asarray(conf, np.float32), face_pos), pa.float32(), mask=~has_face)
+    cols["model_version"] = pa.array([model_version] * n, pa.string())
+    return pa.Table.from_arrays(list(cols.values()), schema=prediction_schema(tasks))
+
+
+def _flat(photos: pa.Table, name: str, width: int) -> np.ndarray:
+    values = photos.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, np.float32).reshape(-1, width)
+
+
+def _spread(values: np.ndarray, face_pos: np.ndarray) -> np.ndarray:
+    """Per-face values placed on the table's rows (0 where the row has no face)."""
+    out = np.zeros(len(face_pos), dtype=values.dtype if len(values) else np.float32)
+    sel = face_pos >= 0
+    out[sel] = values[face_pos[sel]]
+    return out
+
+
+def _mask(arr: pa.Array, valid: np.ndarray) -> pa.Array:
+    """Null out the rows without a face (FixedSizeList has no mask argument in from_arrays)."""
+    if valid.all():
+        return arr
+    return pa.FixedSizeListArray.from_arrays(arr.values, arr.type.list_size, mask=pa.array(~valid))
