@@ -38,8 +38,11 @@ for _k, _v in {
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray (2 CPUs, small object store) for the whole test run."""
+def ray_cluster(tmp_path_factory, local_s3):
+    """One local Ray (2 CPUs, small object store) for the whole test run.
+
+    Started after the S3 server so that Ray's workers inherit its AWS_* variables.
+    """
     import ray
 
     if not ray.is_initialized():
