@@ -18,7 +18,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/python jobs/demo.py
+	$(BIN)/python jobs/demo.py $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
