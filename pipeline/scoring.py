@@ -120,7 +120,8 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
     ds = ds.map_batches(
         CropStage, fn_constructor_args=(storage.resolve(input_uri)[0], settings),
         batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors),
+        scheduling_strategy="SPREAD")  # decode/detect belongs on every node's CPUs
     ds = ds.map_batches(
         EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta),
         batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
