@@ -1,0 +1,348 @@
+"""Classifier heads on the shared face embedding, the model bundle, open-set rejection and
+the per-photo joint assignment of identities.
+
+One small torch module holds a head per task (linear or a small MLP).  The bundle is a
+folder or S3 prefix with ``model.json`` (everything needed to rebuild and interpret the
+heads) and ``heads.pt`` (their state dict).  Loading is cheap (a few hundred KB) and
+``ModelBundle.predict`` does not mutate anything, so one bundle serves many threads
+(Ray Serve replicas, Ray Data actors).
+
+Prediction rules (documented in the README):
+
+* classification: softmax over the task's labels.  For **open-set** tasks (identities) a
+  face is ``unknown`` when its best probability is below ``min_prob`` or its cosine
+  distance to that class's centroid (mean training embedding) is above ``max_dist``;
+  both thresholds are calibrated on validation data (see :func:`calibrate_open_set`).
+  For **exclusive** tasks (identities) the faces of one photo get distinct labels:
+  a Hungarian assignment maximises the joint log-probability over the acceptable
+  (face, label) pairs; a face that loses its best label gets its next acceptable one, or
+  ``unknown``.  The score is the softmax probability of the label given (for ``unknown``:
+  of the best label that was rejected).
+* regression: the head predicts a value and the expected absolute error ``b`` (Laplace
+  scale); the value is in the task's own units, the score is ``exp(-b / std)`` in (0, 1]
+  where ``std`` is the training targets' standard deviation — 1 means "very sure".
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+UNKNOWN = "unknown"
+EMBEDDING_DIM = 128
+CLASSIFICATION, REGRESSION = "classification", "regression"
+IDENTITY_TASK_NAMES = frozenset({"identity", "person", "name"})
+
+
+@dataclass
+class TaskSpec:
+    """One task: its kind, labels (classification) or target scaling (regression)."""
+
+    name: str
+    kind: str                                   # classification | regression
+    labels: list[str] = field(default_factory=list)
+    head: str = "linear"                        # linear | mlp
+    hidden: int = 256
+    open_set: bool = False                      # reject to "unknown" (identities)
+    exclusive: bool = False                     # each label at most once per photo
+    mean: float = 0.0                           # regression target scaling
+    std: float = 1.0
+    min_prob: float = 0.0                       # open-set thresholds (calibrated)
+    max_dist: float = 2.0
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.labels) if self.kind == CLASSIFICATION else 2  # value, log-scale
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.kind == REGRESSION:
+            for k in ("labels", "open_set", "exclusive", "min_prob", "max_dist"):
+                d.pop(k)
+        else:
+            d.pop("mean"), d.pop("std")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TaskSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        spec = cls(**known)
+        if spec.kind not in (CLASSIFICATION, REGRESSION):
+            raise ValueError(f"task {spec.name!r} has unknown kind {spec.kind!r}")
+        if spec.kind == CLASSIFICATION and not spec.labels:
+            raise ValueError(f"classification task {spec.name!r} has no labels")
+        return spec
+
+
+def default_open_set(name: str) -> bool:
+    """Identity-like tasks are open-set and exclusive; attributes (age, emotion) are not."""
+    return name.lower() in IDENTITY_TASK_NAMES
+
+
+def make_head(spec: TaskSpec, variant: str | None = None, dim: int = EMBEDDING_DIM, dropout: float = 0.2):
+    import torch.nn as nn
+
+    variant = variant or spec.head
+    if variant == "linear":
+        return nn.Linear(dim, spec.out_dim)
+    if variant == "mlp":
+        return nn.Sequential(nn.Linear(dim, spec.hidden), nn.GELU(), nn.Dropout(dropout),
+                             nn.Linear(spec.hidden, spec.out_dim))
+    raise ValueError(f"unknown head type {variant!r} (linear or mlp)")
+
+
+def build_heads(specs: list[TaskSpec], variants: list[str] | None = None):
+    """A ModuleDict of heads keyed ``task`` (bundle) or ``task@variant`` (training several)."""
+    import torch.nn as nn
+
+    if variants is None:
+        return nn.ModuleDict({s.name: make_head(s) for s in specs})
+    return nn.ModuleDict({f"{s.name}@{v}": make_head(s, v) for s in specs for v in variants})
+
+
+# ---------------------------------------------------------------- open set + assignment
+
+
+def cosine_distance(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """N×K cosine distances (1 - cos) between unit embeddings and unit centroids."""
+    return 1.0 - np.asarray(emb, np.float32) @ np.asarray(centroids, np.float32).T
+
+
+def class_centroids(emb: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Unit-normalised mean embedding per class (zeros for a class without samples)."""
+    c = np.zeros((n_classes, emb.shape[1]), np.float32)
+    np.add.at(c, y, emb)
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    return np.where(norms > 0, c / np.maximum(norms, 1e-12), 0).astype(np.float32)
+
+
+@dataclass
+class OpenSetCalibration:
+    min_prob: float
+    max_dist: float
+    val_known_reject: float       # measured on validation faces of known classes
+    est_unknown_reject: float     # leave-one-class-out estimate (impostor distances)
+
+
+def calibrate_open_set(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, centroids: np.ndarray,
+                       target_frr: float = 0.02) -> OpenSetCalibration:
+    """Thresholds from validation faces of known people only.
+
+    Genuine distances: a validation face to its own class centroid.  Impostor distances
+    (the stand-in for unseen people): the same face to the *nearest other* centroid, i.e.
+    what it would look like if its class had not been trained.  ``max_dist`` is put
+    midway between the genuine (1 - target_frr) quantile and the impostor 5 % quantile when
+    they are apart, and never below the genuine quantile, so known faces are rarely
+    rejected; ``min_prob`` drops only the least confident known faces (target_frr / 2).
+    """
+    y = np.asarray(y)
+    d = cosine_distance(emb, centroids)
+    genuine = d[np.arange(len(y)), y]
+    other = d.copy()
+    other[np.arange(len(y)), y] = np.inf
+    impostor = other.min(axis=1)
+    top = probs.max(axis=1)
+    min_prob = float(np.quantile(top, target_frr / 2)) if len(top) else 0.0
+    min_prob = min(min_prob, 0.5)  # never demand more than a majority
+    g = float(np.quantile(genuine, 1 - target_frr / 2)) if len(genuine) else 1.0
+    i5 = float(np.quantile(impostor, 0.05)) if len(impostor) else 2.0
+    max_dist = max(g, (g + i5) / 2) if i5 > g else g
+    rejected = (top < min_prob) | (d[np.arange(len(y)), probs.argmax(1)] > max_dist)
+    return OpenSetCalibration(min_prob, max_dist, float(rejected.mean()) if len(y) else 0.0,
+                              float((impostor > max_dist).mean()) if len(y) else 0.0)
+
+
+def assign_exclusive(probs: np.ndarray, acceptable: np.ndarray, photo_ids: np.ndarray) -> np.ndarray:
+    """Per photo, distinct labels maximising the joint log-probability; -1 = unknown.
+
+    ``acceptable`` (N×K bool) marks pairs that pass the open-set thresholds.  Each face
+    may also go to ``unknown``, which costs more than any acceptable label, so a face is
+    left unknown only when every acceptable label is taken by a more likely face.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, k = probs.shape
+    out = np.full(n, -1, np.int64)
+    if n == 0 or k == 0:
+        return out
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    big = 1e6
+    unknown_cost = float(-logp[acceptable].min()) + 1.0 if acceptable.any() else 1.0
+    order = np.argsort(photo_ids, kind="stable")
+    ids = np.asarray(photo_ids)[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    for s, e in zip(starts, np.r_[starts[1:], len(ids)]):
+        rows = order[s:e]
+        if len(rows) == 1:
+            r = rows[0]
+            cand = np.where(acceptable[r], logp[r], -np.inf)
+            out[r] = int(cand.argmax()) if np.isfinite(cand.max()) else -1
+            continue
+        cost = np.where(acceptable[rows], -logp[rows], big)
+        cost = np.hstack([cost, np.full((len(rows), len(rows)), unknown_cost)])
+        r_idx, c_idx = linear_sum_assignment(cost)
+        for ri, ci in zip(r_idx, c_idx):
+            out[rows[ri]] = int(ci) if ci < k and cost[ri, ci] < big else -1
+    return out
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def content_hash(meta: dict[str, Any], weights: bytes) -> str:
+    """model_version: sha256 over the weights and model.json without volatile fields."""
+    stable = {k: v for k, v in meta.items() if k not in ("model_version", "created_at")}
+    h = hashlib.sha256(weights)
+    h.update(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+class ModelBundle:
+    """model.json + heads.pt: everything the scoring job and the endpoint need to label faces."""
+
+    def __init__(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
+        import torch
+
+        self.meta = meta
+        self.specs = [TaskSpec.from_json(t) for t in meta["tasks"]]
+        self.tasks: list[tuple[str, str]] = [(s.name, s.kind) for s in self.specs]
+        self.model_version: str = meta["model_version"]
+        self.backbone: dict[str, Any] = meta.get("backbone", {})
+        heads_state = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
+        self._centroids = {k[len("centroids."):]: v.numpy().astype(np.float32)
+                           for k, v in state.items() if k.startswith("centroids.")}
+        self._heads = build_heads(self.specs)
+        self._heads.load_state_dict(heads_state)
+        self._heads.eval()
+        for p in self._heads.parameters():
+            p.requires_grad_(False)
+        self._torch = torch
+
+    # -- io
+    @classmethod
+    def load(cls, uri: str) -> "ModelBundle":
+        """Read a bundle from a folder or ``s3://bucket/prefix``; one-line errors name the URI."""
+        import torch
+
+        from pipeline import storage
+
+        try:
+            fs, path = storage.resolve(uri)
+        except storage.StorageError as exc:
+            raise ValueError(f"model {uri}: {exc}") from None
+        try:
+            with fs.open_input_stream(f"{path}/model.json") as f:
+                meta_bytes = f.read()
+            with fs.open_input_stream(f"{path}/heads.pt") as f:
+                weights = f.read()
+        except (FileNotFoundError, OSError) as exc:
+            raise FileNotFoundError(f"model bundle not found at {uri} (needs model.json and heads.pt): "
+                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        try:
+            meta = json.loads(meta_bytes)
+        except ValueError as exc:
+            raise ValueError(f"model {uri}: model.json is not JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"model {uri}: unsupported model.json format_version "
+                             f"{meta.get('format_version') if isinstance(meta, dict) else None!r} "
+                             f"(this build reads {FORMAT_VERSION})")
+        if content_hash(meta, weights) != meta.get("model_version"):
+            raise ValueError(f"model {uri}: heads.pt or model.json changed since the bundle was "
+                             "written (content hash mismatch)")
+        try:
+            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+            return cls(meta, state)
+        except Exception as exc:  # a truncated or foreign state dict is a bad bundle
+            raise ValueError(f"model {uri}: cannot rebuild the heads: {str(exc).splitlines()[0]}") from None
+
+    @staticmethod
+    def write(uri: str, specs: list[TaskSpec], heads_state: dict[str, Any],
+              centroids: dict[str, np.ndarray], extra: dict[str, Any]) -> dict[str, Any]:
+        """Write heads.pt and model.json (last, so a half-written bundle never loads)."""
+        import torch
+
+        from pipeline import storage
+
+        state = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads_state.items()}
+        state.update({f"centroids.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32))
+                      for k, v in centroids.items()})
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        weights = buf.getvalue()
+        meta = {"format_version": FORMAT_VERSION, **extra, "tasks": [s.to_json() for s in specs]}
+        meta["model_version"] = content_hash(meta, weights)
+        fs, path = storage.resolve(uri)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/heads.pt") as f:
+            f.write(weights)
+        with fs.open_output_stream(f"{path}/model.json") as f:
+            f.write(json.dumps(meta, indent=2, sort_keys=False).encode())
+        return meta
+
+    # -- inference
+    def raw(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """Head outputs per task: probabilities (classification) or (value, b) (regression)."""
+        torch = self._torch
+        x = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32).reshape(-1, EMBEDDING_DIM))
+        out: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            for s in self.specs:
+                y = self._heads[s.name](x)
+                if s.kind == CLASSIFICATION:
+                    out[s.name] = torch.softmax(y, dim=1).numpy()
+                else:
+                    value = y[:, 0] * s.std + s.mean
+                    b = torch.nn.functional.softplus(y[:, 1]) * s.std + 1e-3
+                    out[s.name] = torch.stack([value, b], 1).numpy()
+        return out
+
+    def predict(self, embeddings: np.ndarray, photo_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Labels and scores per task for N faces (see the module docstring for the rules)."""
+        emb = np.asarray(embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
+        photo_ids = np.asarray(photo_ids).reshape(-1)
+        if len(photo_ids) != len(emb):
+            raise ValueError(f"{len(emb)} embeddings but {len(photo_ids)} photo ids")
+        raw = self.raw(emb)
+        preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for s in self.specs:
+            r = raw[s.name]
+            if s.kind == REGRESSION:
+                preds[s.name] = (r[:, 0].astype(np.float32),
+                                 np.exp(-r[:, 1] / max(s.std, 1e-6)).astype(np.float32))
+                continue
+            idx, score = self.decide(s, r, emb, photo_ids)
+            labels = np.asarray(s.labels + [UNKNOWN], dtype=object)[idx]  # -1 → unknown
+            preds[s.name] = (labels, score)
+        return preds
+
+    def decide(self, s: TaskSpec, probs: np.ndarray, emb: np.ndarray,
+               photo_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Label index per face (-1 = unknown) and its score, after open set and exclusivity."""
+        n = len(probs)
+        if s.open_set and s.name in self._centroids:
+            dist = cosine_distance(emb, self._centroids[s.name])
+            acceptable = (probs >= s.min_prob) & (dist <= s.max_dist)
+        else:
+            acceptable = np.ones_like(probs, dtype=bool)
+        if s.exclusive:
+            idx = assign_exclusive(probs, acceptable, photo_ids)
+        else:
+            best = probs.argmax(1) if n else np.zeros(0, np.int64)
+            idx = np.where(acceptable[np.arange(n), best], best, -1)
+        score = np.where(idx >= 0, probs[np.arange(n), np.maximum(idx, 0)], probs.max(1) if n else 0)
+        return idx, score.astype(np.float32)
+
+
+def regression_scale(values: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return 0.0, 1.0
+    std = float(v.std())
+    return float(v.mean()), std if std > 1e-6 and math.isfinite(std) else 1.0
