@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn as nn
 
 FORMAT_VERSION = 1
 UNKNOWN = "unknown"
@@ -85,22 +87,33 @@ def default_open_set(name: str) -> bool:
     return name.lower() in IDENTITY_TASK_NAMES
 
 
-def make_head(spec: TaskSpec, variant: str | None = None, dim: int = EMBEDDING_DIM, dropout: float = 0.2):
-    import torch.nn as nn
+class InputScale(nn.Module):
+    """Multiply by a fixed factor (no parameters, nothing in the state dict)."""
 
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def make_head(spec: TaskSpec, variant: str | None = None, dim: int = EMBEDDING_DIM,
+              dropout: float = 0.2) -> nn.Module:
     variant = variant or spec.head
+    # Unit embeddings have per-dimension values ~1/sqrt(dim): scale them to ~unit variance
+    # so the heads train at ordinary learning rates (a fixed factor, not a parameter).
+    scale = InputScale(math.sqrt(dim))
     if variant == "linear":
-        return nn.Linear(dim, spec.out_dim)
+        return nn.Sequential(scale, nn.Linear(dim, spec.out_dim))
     if variant == "mlp":
-        return nn.Sequential(nn.Linear(dim, spec.hidden), nn.GELU(), nn.Dropout(dropout),
+        return nn.Sequential(scale, nn.Linear(dim, spec.hidden), nn.GELU(), nn.Dropout(dropout),
                              nn.Linear(spec.hidden, spec.out_dim))
     raise ValueError(f"unknown head type {variant!r} (linear or mlp)")
 
 
-def build_heads(specs: list[TaskSpec], variants: list[str] | None = None):
+def build_heads(specs: list[TaskSpec], variants: list[str] | None = None) -> nn.ModuleDict:
     """A ModuleDict of heads keyed ``task`` (bundle) or ``task@variant`` (training several)."""
-    import torch.nn as nn
-
     if variants is None:
         return nn.ModuleDict({s.name: make_head(s) for s in specs})
     return nn.ModuleDict({f"{s.name}@{v}": make_head(s, v) for s in specs for v in variants})
@@ -298,7 +311,7 @@ class ModelBundle:
                     out[s.name] = torch.softmax(y, dim=1).numpy()
                 else:
                     value = y[:, 0] * s.std + s.mean
-                    b = torch.nn.functional.softplus(y[:, 1]) * s.std + 1e-3
+                    b = (torch.nn.functional.softplus(y[:, 1]) + 1e-3) * s.std
                     out[s.name] = torch.stack([value, b], 1).numpy()
         return out
 
