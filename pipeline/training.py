@@ -280,6 +280,40 @@ def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # ---------------------------------------------------------------- the Ray Train loop
 
 
+def task_losses(out: dict, ys: dict, specs: list[TaskSpec], variants: list[str], class_w: dict,
+                huber_delta: float, weighted: bool = True) -> dict:
+    """Loss per ``task@variant``; a row without a label for a task adds nothing to it.
+
+    Classification: class-weighted cross-entropy (label -1 = missing).  Regression: Huber
+    on the standardised target (NaN = missing) plus a Laplace NLL for the scale output,
+    computed on the detached residual so it does not pull the value.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    res = {}
+    for s in specs:
+        y = ys[s.name]
+        for v in variants:
+            o = out[f"{s.name}@{v}"]
+            if s.kind == CLASSIFICATION:
+                mask = y >= 0
+                w = class_w[s.name] if weighted else torch.ones(len(s.labels))
+                safe = y.clamp(min=0)
+                per = F.cross_entropy(o, safe, weight=w, reduction="none")
+                denom = (w[safe] * mask).sum()
+                res[f"{s.name}@{v}"] = torch.where(mask, per, torch.zeros_like(per)).sum() / denom.clamp(min=1e-8)
+            else:
+                mask = torch.isfinite(y)
+                t = torch.where(mask, (y - s.mean) / s.std, torch.zeros_like(y))
+                value, b = o[:, 0], F.softplus(o[:, 1]) + 1e-3
+                per = F.huber_loss(value, t, delta=huber_delta, reduction="none")
+                per = per + (t - value).abs().detach() / b + torch.log(b)
+                res[f"{s.name}@{v}"] = torch.where(mask, per, torch.zeros_like(per)).sum() / mask.sum().clamp(min=1)
+    return res
+
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Train worker: DDP over the shard, full validation, checkpoint per epoch."""
     import copy
@@ -287,7 +321,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
 
     from pipeline.heads import TaskSpec, build_heads
 
@@ -312,26 +345,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     task_w = config["task_weights"]
     huber = config["huber_delta"]
 
-    def losses(out: dict, ys: dict, weighted: bool = True) -> dict[str, torch.Tensor]:
-        res = {}
-        for s in specs:
-            y = ys[s.name]
-            for v in variants:
-                o = out[f"{s.name}@{v}"]
-                if s.kind == CLASSIFICATION:
-                    mask = y >= 0
-                    w = class_w[s.name] if weighted else torch.ones(len(s.labels))
-                    per = F.cross_entropy(o, y.clamp(min=0), weight=w, reduction="none")
-                    denom = (w[y.clamp(min=0)] * mask).sum()
-                    res[f"{s.name}@{v}"] = (per * mask).sum() / denom.clamp(min=1e-8)
-                else:
-                    mask = torch.isfinite(y)
-                    t = torch.where(mask, (y - s.mean) / s.std, torch.zeros_like(y))
-                    value, b = o[:, 0], F.softplus(o[:, 1]) + 1e-3
-                    per = F.huber_loss(value, t, delta=huber, reduction="none")
-                    per = per + (t - value).abs().detach() / b + torch.log(b)  # scale: Laplace NLL
-                    res[f"{s.name}@{v}"] = (per * mask).sum() / mask.sum().clamp(min=1)
-        return res
+    def losses(out: dict, ys: dict, weighted: bool = True) -> dict:
+        return task_losses(out, ys, specs, variants, class_w, huber, weighted)
 
     def to_tensors(batch: dict) -> tuple[torch.Tensor, dict]:
         x = torch.as_tensor(np.asarray(batch["x"]), dtype=torch.float32)

@@ -1,0 +1,127 @@
+"""Fit classifier heads (identity, attributes, several tasks at once) on face embeddings
+with Ray Train DDP, and write a model bundle (model.json, heads.pt, metrics.json,
+report.html) to --output.
+
+    python jobs/train_classifier.py --data ../shared/data/identities --output models/people
+    python jobs/train_classifier.py --data s3://bucket/utkface --layout utk --task age,gender --output s3://bucket/models/utk
+    ray job submit --working-dir . -- python jobs/train_classifier.py --data … --output … --workers 4 --use-gpu
+
+Photos go through the scoring job's crop and embed stages; each photo contributes its
+main face, photos without a face are counted and reported.  Embeddings are cached
+(--cache) so a retrain with other settings does not re-embed.  Fine-tuning the backbone
+(--finetune) is not implemented: the heads are trained on frozen embeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {value}")
+    return value
+
+
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"task weight {part!r} is not NAME=NUMBER") from None
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train_classifier.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="labelled photos: folder or s3://bucket/prefix")
+    p.add_argument("--output", required=True, help="model bundle: folder or s3://bucket/prefix")
+    p.add_argument("--layout", choices=("folders", "csv", "utk"), default="folders",
+                   help="folders: <root>/<label>/<img>; csv: <root>/index.csv; utk: UTKFace names")
+    p.add_argument("--task", help="folders: the task's name (default identity); csv/utk: tasks to train, "
+                                  "comma-separated (default all)")
+    p.add_argument("--workers", type=_positive, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (the cluster must have them)")
+    p.add_argument("--epochs", type=_positive, default=60, help="maximum epochs (early stopping on validation)")
+    p.add_argument("--patience", type=_positive, default=8, help="epochs without validation gain before stopping")
+    p.add_argument("--head", choices=("auto", "linear", "mlp"), default="auto",
+                   help="head type; auto trains both in one run and keeps the better per task on validation")
+    p.add_argument("--hidden", type=_positive, default=256, help="MLP hidden width")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--val-frac", type=_fraction, default=0.15, help="validation share (stratified)")
+    p.add_argument("--test-frac", type=_fraction, default=0.15, help="test share (stratified)")
+    p.add_argument("--seed", type=int, default=0, help="split and initialisation seed")
+    p.add_argument("--task-weights", type=_weights, default={}, help="loss weight per task, e.g. age=0.5,gender=1")
+    p.add_argument("--open-set", help="tasks with 'unknown' rejection, comma-separated "
+                                      "(default: identity-like names: identity, person, name); 'none' for none")
+    p.add_argument("--target-frr", type=float, default=0.02,
+                   help="share of known validation faces the open-set rule may reject (default 0.02)")
+    p.add_argument("--unknown", help="faces of people NOT in --data (folder/s3): report how many are rejected")
+    p.add_argument("--cache", help="embedding cache folder or s3:// prefix (default ~/.cache/faceray/embeddings)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from a checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep <output>/checkpoints after success")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--finetune", action="store_true", help="not implemented (heads on frozen embeddings)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
+    p.add_argument("--num-cpus", type=_positive, help="CPUs of a local Ray started by this job")
+    args = p.parse_args(argv)
+    if args.val_frac + args.test_frac >= 0.8:
+        p.error("--val-frac + --test-frac must leave most photos for training")
+    if args.finetune:
+        p.error("--finetune is not implemented: heads are trained on frozen embeddings")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipeline.scoring import init_ray
+    from pipeline.settings import Settings
+    from pipeline.storage import StorageError
+    from pipeline.training import TrainConfig, UsageError, train
+
+    settings = Settings.from_env()
+    open_set = None
+    if args.open_set:
+        open_set = [] if args.open_set.strip().lower() == "none" else [t.strip() for t in args.open_set.split(",") if t.strip()]
+    cfg = TrainConfig(workers=args.workers, use_gpu=args.use_gpu, epochs=args.epochs, patience=args.patience,
+                      head=args.head, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
+                      val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
+                      task_weights=args.task_weights, open_set=open_set, target_frr=args.target_frr,
+                      max_failures=args.max_failures)
+    cache = args.cache or str(Path(settings.cache_dir) / "embeddings")
+    try:
+        init_ray(args.ray_address, args.num_cpus)
+        outcome = train(args.data, args.output, args.layout, args.task, cfg, settings, cache_uri=cache,
+                        unknown_uri=args.unknown, report=not args.no_report,
+                        keep_checkpoints=args.keep_checkpoints)
+    except (UsageError, StorageError, FileNotFoundError, ValueError) as exc:
+        print(f"train_classifier: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 2
+    print("\n".join(["", "== faceray train_classifier summary", *outcome.lines()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
