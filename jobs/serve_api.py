@@ -1,0 +1,60 @@
+"""Run the faceray HTTP endpoint from Python (the same app as ``serve run serve/config.yaml``).
+
+    python jobs/serve_api.py --model s3://models/m1 --table s3://predictions/run1 --port 8000
+
+Starts (or joins, with --ray-address / RAY_ADDRESS) Ray, serves on 127.0.0.1 until Ctrl-C
+or SIGTERM, then shuts Serve down.  The token comes from FACERAY_API_TOKEN (or --token-env).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="serve_api.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model bundle (folder or s3:// prefix); without it: faces, no labels")
+    p.add_argument("--table", help="prediction table (folder or s3:// prefix) for GET /v1/predictions")
+    p.add_argument("--table-embeddings", action="store_true", help="also load the table's embeddings")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="request body cap (413 above)")
+    p.add_argument("--faces-replicas", type=int, default=1, help="replicas of the decode/detect stage")
+    p.add_argument("--token-env", default="FACERAY_API_TOKEN",
+                   help="environment variable holding the bearer token (unset: no token)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ray import serve
+
+    from pipeline.scoring import init_ray
+    from serve.app import APP_NAME, build_app
+
+    init_ray(args.ray_address, args.num_cpus)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({"model": args.model, "table": args.table, "table_embeddings": args.table_embeddings,
+                     "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
+                     "token": os.environ.get(args.token_env) or None, "faces_replicas": args.faces_replicas})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
