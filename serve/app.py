@@ -15,14 +15,12 @@ online as in the prediction table):
 Run: ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or from Python
 ``serve.run(build_app({...}))`` / ``python jobs/serve_api.py --model URI --table URI``.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see real classes in the route
+# signatures, and Serve ships the ingress class by value, with only the globals it names.
 import asyncio
-import hashlib
 import hmac
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -289,6 +287,43 @@ FACES_OPENAPI = {"requestBody": {"required": True, "content": {
 STATUS_HTTP = {"decode_error": 400, "too_large": 413, "read_error": 400}
 
 
+_PROBE: bytes | None = None
+
+
+def _probe_png() -> bytes:
+    """A small real PNG (gray gradient) for the health check's trip through the decoder."""
+    global _PROBE
+    if _PROBE is None:
+        import cv2
+
+        img = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (64, 1))
+        _PROBE = cv2.imencode(".png", np.dstack([img] * 3))[1].tobytes()
+    return _PROBE
+
+
+async def _multipart_image(request: Request, body: bytes, cap: int) -> bytes:
+    """Field ``image`` of a multipart body that was already read (and size-checked)."""
+    from starlette.requests import Request as StarletteRequest
+
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, receive).form(max_files=4, max_fields=16, max_part_size=cap)
+    except Exception as exc:  # malformed multipart is the client's error
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
+    part = form.get("image")
+    if part is None:
+        raise ApiError(400, "multipart body has no `image` field")
+    return await part.read() if hasattr(part, "read") else str(part).encode()
+
+
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class Api:
@@ -333,7 +368,7 @@ class Api:
                                 f"first bytes {data[:8]!r}")
         return data
 
-    @app.post("/v1/faces", response_model=FacesOut, response_model_exclude_none=True,
+    @app.post("/v1/faces", response_model=FacesOut, response_model_exclude_unset=True,
               responses=ERRORS, openapi_extra=FACES_OPENAPI)
     async def faces_of_photo(self, request: Request, embedding: bool = False) -> dict[str, Any]:
         """Faces of one photo with boxes, landmarks and each task's label (same numbers as the batch job)."""
@@ -410,55 +445,7 @@ class Api:
                              "table_rows": None if table is None else table["rows"]})
 
 
-_PROBE: bytes | None = None
-
-
-def _probe_png() -> bytes:
-    """A small real PNG (gray gradient) for the health check's trip through the decoder."""
-    global _PROBE
-    if _PROBE is None:
-        import cv2
-
-        img = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (64, 1))
-        _PROBE = cv2.imencode(".png", np.dstack([img] * 3))[1].tobytes()
-    return _PROBE
-
-
-async def _multipart_image(request: Request, body: bytes, cap: int) -> bytes:
-    """Field ``image`` of a multipart body that was already read (and size-checked)."""
-    from starlette.requests import Request as StarletteRequest
-
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await StarletteRequest(request.scope, receive).form(max_files=4, max_fields=16, max_part_size=cap)
-    except Exception as exc:  # malformed multipart is the client's error
-        raise ApiError(400, f"malformed multipart body: {exc}") from None
-    part = form.get("image")
-    if part is None:
-        raise ApiError(400, "multipart body has no `image` field")
-    return await part.read() if hasattr(part, "read") else str(part).encode()
-
-
 # ------------------------------------------------------------------------ building the app
-
-
-def code_version() -> str:
-    """Hash of the serving code: with it fixed, a user_config-only change (new model or table
-    URI) is applied by ``reconfigure`` on the running replicas instead of replacing them."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted([*root.joinpath("serve").glob("*.py"), *root.joinpath("pipeline").glob("*.py")]):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def actor_options(resources: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -486,16 +473,15 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     args = dict(args or {})
     opts = actor_options(ray.cluster_resources() if ray.is_initialized() else {})
-    version = code_version()
     token = args.get("token") or os.environ.get("FACERAY_API_TOKEN") or None
-    faces = Faces.options(version=version, ray_actor_options=opts["Faces"],
+    faces = Faces.options(ray_actor_options=opts["Faces"],
                           num_replicas=int(args.get("faces_replicas") or 1)).bind()
-    embeddings = Embeddings.options(version=version, ray_actor_options=opts["Embeddings"]).bind()
-    heads = Heads.options(version=version, ray_actor_options=opts["Heads"],
+    embeddings = Embeddings.options(ray_actor_options=opts["Embeddings"]).bind()
+    heads = Heads.options(ray_actor_options=opts["Heads"],
                           user_config={"model_uri": args.get("model")}).bind()
     predictions = Predictions.options(
-        version=version, ray_actor_options=opts["Predictions"],
+        ray_actor_options=opts["Predictions"],
         user_config={"table_uri": args.get("table"), "embeddings": bool(args.get("table_embeddings"))}).bind()
-    return Api.options(version=version, ray_actor_options=opts["Api"],
+    return Api.options(ray_actor_options=opts["Api"],
                        user_config={"max_body_bytes": int(args.get("max_body_bytes") or DEFAULT_MAX_BODY)}
                        ).bind(faces, embeddings, heads, predictions, token)

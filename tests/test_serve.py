@@ -1,0 +1,330 @@
+"""The HTTP endpoint over real HTTP on a real local Ray: same numbers as the batch job,
+4xx for every bad request, the token, table lookups, a short load run, a model swap."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+TOKEN = "s3cret-token"
+BUCKET = "serving"
+PEOPLE, TRAIN_PER, HELD_OUT = 5, 8, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def people(data_dir) -> dict[str, list[Path]]:
+    """The 5 identities with most photos (sorted), photos sorted by name."""
+    folders = [d for d in sorted((data_dir / "identities").iterdir()) if d.is_dir()]
+    folders.sort(key=lambda d: -len(list(d.glob("*.jpg"))))
+    return {d.name: sorted(d.glob("*.jpg")) for d in sorted(folders[:PEOPLE])}
+
+
+@pytest.fixture(scope="module")
+def bundle(ray_cluster, people, tmp_path_factory) -> str:
+    """A real identity bundle from train_classifier.py on 5 people × 8 photos."""
+    import contextlib
+
+    from jobs.train_classifier import main
+
+    train = tmp_path_factory.mktemp("serve-train")
+    for name, files in people.items():
+        (train / name).mkdir()
+        for f in files[:TRAIN_PER]:
+            (train / name / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("serve-bundle")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--data", str(train), "--output", str(out), "--workers", "1", "--epochs", "15"])
+    assert code == 0, buf.getvalue()[-3000:]
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def scored(ray_cluster, local_s3, bundle, people, data_dir, tmp_path_factory):
+    """Held-out photos, strangers, a group photo, non-faces and a bad file, scored by the
+    batch job into a table on S3 (the endpoint reads it back from there)."""
+    from pipeline.scoring import score
+
+    root = tmp_path_factory.mktemp("serve-photos")
+    picks = [f for files in people.values() for f in files[TRAIN_PER:TRAIN_PER + HELD_OUT]]
+    picks += sorted((data_dir / "unknown").rglob("*.jpg"))[:2]
+    picks += sorted((data_dir / "groups" / "images").rglob("*.jpg"))[:1]
+    picks += sorted((data_dir / "nonfaces").rglob("*.jpg"))[:2]
+    picks += [data_dir / "fr_examples" / "knn_examples" / "test" / "obama_and_biden.jpg"]
+    for f in picks:
+        (root / f.name).write_bytes(f.read_bytes())
+    (root / "truncated.jpg").write_bytes(picks[0].read_bytes()[:2000])
+    local_s3.create_bucket(BUCKET)
+    local_s3.upload_dir(root, BUCKET, "photos")
+    score(f"s3://{BUCKET}/photos", f"s3://{BUCKET}/table", model_uri=bundle, log=lambda *_: None)
+    t = pads.dataset(f"{BUCKET}/table", filesystem=local_s3.filesystem(), format="parquet").to_table()
+    assert len(set(t.column("image_uri").to_pylist())) == len(picks) + 1
+    return {"root": root, "uri": f"s3://{BUCKET}/table", "rows": t.to_pylist()}
+
+
+class Client:
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=120, headers={"authorization": f"Bearer {TOKEN}"})
+
+    def __getattr__(self, name):
+        return getattr(self.http, name)
+
+
+def deploy_config(model: str | None, table: str | None) -> None:
+    """Deploy serve/config.yaml with these URIs as `serve deploy`/`serve run config.yaml` do
+    (the controller's apply_config; the CLI goes through the same call)."""
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve" / "config.yaml").read_text())
+    (app,) = cfg["applications"]
+    app["args"] = {"token": TOKEN}
+    for d in app["deployments"]:
+        if d["name"] == "Heads":
+            d["user_config"]["model_uri"] = model
+        if d["name"] == "Predictions":
+            d["user_config"]["table_uri"] = table
+    client = serve.context._get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
+
+
+def replicas(deployment: str) -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]}
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, bundle, scored):
+    """serve/config.yaml (model + table + token) behind Serve's proxy on a free loopback port."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        deploy_config(bundle, scored["uri"])
+        client = Client(f"http://127.0.0.1:{port}")
+        yield client
+        client.http.close()
+    finally:
+        serve.shutdown()
+
+
+def _rows_by_photo(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["image_uri"], r["face_index"] or 0)):
+        out.setdefault(r["image_uri"].rsplit("/", 1)[-1], []).append(r)
+    return out
+
+
+def test_faces_match_the_batch_rows(api, scored, bundle):
+    from pipeline.heads import ModelBundle
+
+    version = ModelBundle.load(bundle).model_version
+    checked_faces, labelled = 0, 0
+    for i, (name, rows) in enumerate(sorted(_rows_by_photo(scored["rows"]).items())):
+        if rows[0]["status"] not in ("ok", "no_face"):
+            continue
+        data = (scored["root"] / name).read_bytes()
+        if i % 2:  # both body styles
+            r = api.post("/v1/faces", params={"embedding": 1}, files={"image": (name, data, "image/jpeg")})
+        else:
+            r = api.post("/v1/faces?embedding=1", content=data, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, (name, r.text)
+        body = r.json()
+        assert (body["width"], body["height"]) == (rows[0]["width"], rows[0]["height"])
+        assert body["model_version"] == version == rows[0]["model_version"]
+        faces = body["faces"]
+        if rows[0]["status"] == "no_face":
+            assert faces == [], name
+            continue
+        assert len(faces) == len(rows) == rows[0]["face_count"], name
+        for face, row in zip(faces, rows):
+            for k in ("x", "y", "w", "h"):
+                assert abs(face["bbox"][k] - row["bbox"][k]) <= 1.0, (name, k, face["bbox"], row["bbox"])
+            assert np.abs(np.subtract(face["landmarks"], row["landmarks"])).max() <= 1.0, name
+            assert abs(face["det_score"] - row["det_score"]) < 1e-3
+            cos = float(np.dot(face["embedding"], row["embedding"]))
+            assert cos >= 0.999, (name, cos)
+            assert face["predictions"]["identity"]["label"] == row["identity"], name
+            assert abs(face["predictions"]["identity"]["score"] - row["identity_score"]) < 1e-3
+            checked_faces += 1
+            labelled += row["identity"] != "unknown"
+    assert checked_faces >= PEOPLE * HELD_OUT and labelled >= PEOPLE, (checked_faces, labelled)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    from benchmarks.serve_load import png_header_only
+
+    return png_header_only(width, height)
+
+
+def test_bad_requests_get_their_4xx_with_a_reason(api, scored):
+    jpeg = next(p for p in sorted(scored["root"].glob("*.jpg")) if p.name != "truncated.jpg").read_bytes()
+    cases = [
+        ("empty", dict(content=b""), 400),
+        ("text", dict(content=b"hello, I am not a photo", headers={"content-type": "text/plain"}), 415),
+        ("json", dict(json={"image": "x"}), 415),
+        ("truncated jpeg", dict(content=jpeg[: len(jpeg) // 3], headers={"content-type": "image/jpeg"}), 400),
+        ("3.6 gigapixel png header", dict(content=_png_header_only(60000, 60000)), 413),
+        ("body over 20 MB", dict(content=b"\xff\xd8\xff" + bytes(20 * 1024 * 1024)), 413),
+        ("multipart without image", dict(files={"photo": ("a.jpg", jpeg, "image/jpeg")}), 400),
+        ("multipart text", dict(files={"image": ("a.txt", b"plain text", "text/plain")}), 415),
+    ]
+    for name, kwargs, expected in cases:
+        r = api.post("/v1/faces", **kwargs)
+        assert r.status_code == expected, (name, r.status_code, r.text)
+        body = r.json()
+        assert body["status"] == expected and len(body["error"]) > 5, (name, body)
+    # the bytes decide, not the Content-Type: curl's default form type still works
+    r = api.post("/v1/faces", content=jpeg, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert api.get("/healthz").json()["status"] == "ok"  # nothing above hurt the service
+
+
+def test_token_is_enforced_and_healthz_stays_open(api):
+    import httpx
+
+    with httpx.Client(base_url=api.url, timeout=60) as anon:
+        for method, path in (("POST", "/v1/faces"), ("GET", "/v1/predictions?status=ok"), ("GET", "/v1/model")):
+            r = anon.request(method, path, content=b"\xff\xd8\xff" if method == "POST" else None)
+            assert r.status_code == 401 and "token" in r.json()["error"], (path, r.text)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            r = anon.request(method, path, headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 401 and "wrong" in r.json()["error"], (path, r.text)
+        health = anon.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        assert health.json()["tasks"] == ["identity"] and health.json()["table_rows"] > 0
+        assert anon.get("/docs").status_code == 200
+        spec = anon.get("/openapi.json").json()
+        assert {"/v1/faces", "/v1/predictions", "/v1/model", "/healthz"} <= set(spec["paths"])
+        assert "multipart/form-data" in spec["paths"]["/v1/faces"]["post"]["requestBody"]["content"]
+
+
+def _key(row: dict) -> tuple:
+    return (row["image_uri"], row["face_index"])
+
+
+def test_lookup_by_uri_returns_the_batch_rows(api, scored):
+    rows = scored["rows"]
+    by_uri: dict[str, list[dict]] = {}
+    for r in rows:
+        by_uri.setdefault(r["image_uri"], []).append(r)
+    multi = max(by_uri, key=lambda u: len(by_uri[u]))
+    bad = next(u for u, rs in by_uri.items() if rs[0]["status"] == "decode_error")
+    for uri in (multi, bad):
+        r = api.get("/v1/predictions", params={"image_uri": uri})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["total"] == len(by_uri[uri]) and got["next_offset"] is None
+        want = sorted(by_uri[uri], key=lambda r: r["face_index"] or 0)
+        for g, w in zip(got["rows"], want):
+            assert "embedding" not in g
+            for k in ("image_uri", "status", "error", "face_index", "identity", "model_version"):
+                assert g[k] == w[k], k
+            if w["bbox"] is not None:
+                assert g["bbox"] == pytest.approx(w["bbox"])
+            assert g["identity_score"] == pytest.approx(w["identity_score"])
+    r = api.get("/v1/predictions", params={"image_uri": "s3://nowhere/x.jpg"})
+    assert r.status_code == 200 and r.json()["rows"] == [] and r.json()["total"] == 0
+
+
+def test_lookup_by_label_pages_through_every_batch_row(api, scored):
+    rows = scored["rows"]
+    labels = [r["identity"] for r in rows if r["identity"] not in (None, "unknown")]
+    label = max(set(labels), key=labels.count)
+    want = {_key(r) for r in rows if r["identity"] == label}
+    got, offset, pages = [], 0, 0
+    while offset is not None:
+        r = api.get("/v1/predictions", params={"identity": label, "limit": 1, "offset": offset})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["total"] == len(want)
+        got += [_key(x) for x in body["rows"]]
+        offset, pages = body["next_offset"], pages + 1
+    assert set(got) == want and len(got) == len(want) == pages
+    # filters combine; status is a filter too
+    both = api.get("/v1/predictions", params={"identity": label, "status": "ok"}).json()
+    assert {_key(x) for x in both["rows"]} == want
+    errors = api.get("/v1/predictions", params={"status": "decode_error"}).json()
+    assert [x["image_uri"].rsplit("/", 1)[-1] for x in errors["rows"]] == ["truncated.jpg"]
+    for params, code in (({"colour": "red"}, 400), ({}, 400), ({"status": "ok", "limit": 0}, 400),
+                         ({"status": "ok", "limit": "many"}, 422), ({"status": "ok", "embedding": 1}, 400)):
+        r = api.get("/v1/predictions", params=params)
+        assert r.status_code == code and r.json()["error"], (params, r.text)
+
+
+def test_model_info(api, bundle, people):
+    info = api.get("/v1/model").json()
+    assert info["model_uri"] == bundle and len(info["model_version"]) == 16
+    assert info["tasks"][0]["name"] == "identity" and sorted(info["tasks"][0]["labels"]) == sorted(people)
+    assert info["embedding"]["backbone"] == "dlib_resnet_v1" and info["table"]["rows"] > 0
+
+
+def test_short_load_run_has_no_5xx(api, data_dir, scored):
+    from benchmarks.serve_load import default_cases, run_load
+
+    uris = sorted({r["image_uri"] for r in scored["rows"]})
+    cases = default_cases(data_dir, image_uris=uris, labels={"status": "ok"}, portraits=6)
+    result = run_load(api.url, cases, seconds=4, clients=8, token=TOKEN)
+    assert result.server_errors == 0 and not result.transport_errors, result.lines()
+    assert result.statuses[200] > 0 and result.statuses[413] + result.statuses[415] + result.statuses[400] > 0
+
+
+def test_new_model_swaps_in_without_dropping_requests(api, scored):
+    """user_config-only redeploy → reconfigure on the running replicas; requests keep flowing."""
+    name = next(n for n, rs in _rows_by_photo(scored["rows"]).items() if rs[0]["status"] == "ok")
+    data = (scored["root"] / name).read_bytes()
+    before = api.get("/v1/model").json()["model_version"]
+    statuses, versions, stop = [], [], threading.Event()
+
+    def hammer() -> None:
+        import httpx
+
+        with httpx.Client(base_url=api.url, timeout=120, headers={"authorization": f"Bearer {TOKEN}"}) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/v1/faces", content=data)
+                    statuses.append(r.status_code)
+                    versions.append(r.json().get("model_version", "?"))
+                except Exception as exc:  # a dropped connection is a failure too
+                    statuses.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    heads_before = replicas("Heads")
+    deploy_config(None, scored["uri"])  # only Heads' user_config changes
+    deadline = time.monotonic() + 60
+    while api.get("/v1/model").json()["model_version"] is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert api.get("/v1/model").json()["model_version"] is None
+    assert statuses and all(s == 200 for s in statuses), [s for s in statuses if s != 200][:5]
+    assert before in versions and versions[-1] is None  # both bundles answered, none failed
+    assert replicas("Heads") == heads_before and heads_before  # reconfigured in place, not replaced
+    r = api.post("/v1/faces", content=data).json()
+    assert r["faces"] and all(f["predictions"] == {} for f in r["faces"])
