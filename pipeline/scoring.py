@@ -120,8 +120,7 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
     ds = ds.map_batches(
         CropStage, fn_constructor_args=(storage.resolve(input_uri)[0], settings),
         batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors),
-        scheduling_strategy="SPREAD")  # decode/detect belongs on every node's CPUs
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
     ds = ds.map_batches(
         EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta),
         batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
@@ -148,7 +147,7 @@ def _fill_summary(summary: Summary, fs: pafs.FileSystem, out_path: str, run_id: 
         columns=["image_uri", "status", "face_index"])
     summary.rows = t.num_rows
     summary.faces = int(pc.sum(pc.is_valid(t.column("face_index"))).as_py() or 0)
-    photos = t.filter(pc.or_(pc.is_null(t.column("face_index")), pc.equal(t.column("face_index"), 0)))
+    photos = table.first_rows(t)
     summary.photos = photos.num_rows
     counts = photos.group_by("status").aggregate([("image_uri", "count")])
     summary.by_status = dict(zip(counts.column("status").to_pylist(), counts.column("image_uri_count").to_pylist()))

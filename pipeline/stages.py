@@ -25,8 +25,7 @@ class CropStage:
         cv2.setNumThreads(1)  # one core per actor: parallelism comes from the actor pool
         self.fs = filesystem
         self.settings = settings
-        self.detector = FaceDetector(settings.detector_model, det_max_side=settings.det_max_side,
-                                     min_face=settings.min_face, score_threshold=settings.det_score)
+        self.detector = FaceDetector.from_settings(settings)
         self.io = ThreadPoolExecutor(io_threads)  # overlap S3 latency with decoding
 
     def _read(self, uri: str) -> bytes | Exception:

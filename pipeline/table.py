@@ -122,6 +122,13 @@ def face_rows(photos: pa.Table, embeddings: np.ndarray,
     return pa.Table.from_arrays(list(cols.values()), schema=prediction_schema(tasks))
 
 
+def first_rows(t: pa.Table) -> pa.Table:
+    """One row per photo of a prediction table (its first face, or its only row)."""
+    import pyarrow.compute as pc
+
+    return t.filter(pc.equal(pc.fill_null(t.column("face_index"), 0), 0))
+
+
 def _flat(photos: pa.Table, name: str, width: int) -> np.ndarray:
     values = photos.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.asarray(values, np.float32).reshape(-1, width)

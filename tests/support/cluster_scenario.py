@@ -109,12 +109,13 @@ def _submit(job: dict, env: dict, worker_pids: set[int]) -> dict:
 
 
 def _read_table(s3, prefix: str) -> dict:
-    import pyarrow.compute as pc
     import pyarrow.dataset as pads
+
+    from pipeline import table
 
     t = pads.dataset(f"cluster/{prefix}", filesystem=s3.filesystem(), format="parquet").to_table(
         columns=["image_uri", "status", "face_index"])
-    first = t.filter(pc.or_(pc.is_null(t.column("face_index")), pc.equal(t.column("face_index"), 0)))
+    first = table.first_rows(t)
     uris = first.column("image_uri").to_pylist()
     counts = first.group_by("status").aggregate([("image_uri", "count")])
     return {"rows": t.num_rows, "photos": len(set(uris)), "photo_rows": len(uris),
