@@ -118,8 +118,15 @@ def api(ray_cluster, bundle, scored):
     """serve/config.yaml (model + table + token) behind Serve's proxy on a free loopback port."""
     from ray import serve
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for attempt in range(3):  # a free port can be taken by another process before the proxy binds
+        port = _free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            break
+        except Exception:
+            serve.shutdown()
+            if attempt == 2:
+                raise
     try:
         deploy_config(bundle, scored["uri"])
         client = Client(f"http://127.0.0.1:{port}")
