@@ -130,9 +130,7 @@ class Faces:
         from pipeline.faces import FaceDetector
 
         self.settings = _settings()
-        s = self.settings
-        self.detector = FaceDetector(s.detector_model, det_max_side=s.det_max_side,
-                                     min_face=s.min_face, score_threshold=s.det_score)
+        self.detector = FaceDetector.from_settings(self.settings)
         self._lock = threading.Lock()  # one detector per replica; Serve runs sync calls in threads
 
     def analyse(self, data: bytes):
