@@ -302,7 +302,7 @@ class ModelBundle:
     def raw(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
         """Head outputs per task: probabilities (classification) or (value, b) (regression)."""
         torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32).reshape(-1, EMBEDDING_DIM))
+        x = torch.from_numpy(np.array(embeddings, np.float32, copy=True).reshape(-1, EMBEDDING_DIM))
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             for s in self.specs:

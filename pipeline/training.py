@@ -109,18 +109,19 @@ def main_faces(face_rows: pa.Table) -> pa.Table:
                      ("face_count", count[i] or 0), ("main_face", main), ("row", row)):
             out[k].append(v)
         i = j
-    sel = [r if r is not None else 0 for r in out["row"]]
     valid = np.array([r is not None for r in out["row"]], bool)
-    emb = emb_col.take(pa.array(sel, pa.int64())) if len(sel) else pa.array([], EMBED_SCHEMA.field("embedding").type)
-    if len(sel):
-        emb = pa.FixedSizeListArray.from_arrays(
-            emb.flatten(), EMBEDDING_DIM, mask=pa.array(~valid)) if not valid.all() else emb
+    mat = np.zeros((len(valid), EMBEDDING_DIM), np.float32)
+    if valid.any():
+        taken = emb_col.take(pa.array([r for r in out["row"] if r is not None], pa.int64()))
+        mat[valid] = embedding_matrix(taken)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel(), pa.float32()), EMBEDDING_DIM,
+                                            mask=pa.array(~valid))
     return pa.table({"image_uri": pa.array(out["image_uri"], pa.string()),
                      "status": pa.array(out["status"], pa.string()),
                      "error": pa.array(out["error"], pa.string()),
                      "face_count": pa.array(out["face_count"], pa.int32()),
                      "main_face": pa.array(out["main_face"], pa.int32()),
-                     "embedding": emb.cast(EMBED_SCHEMA.field("embedding").type)})
+                     "embedding": emb})
 
 
 def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: bool = False,
