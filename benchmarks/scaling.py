@@ -10,6 +10,7 @@ against 1 node of 1 CPU. Efficiency = speed-up / resource ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ def local_run(folder: Path, cpus: int) -> tuple[float, float]:
         res = subprocess.run([sys.executable, str(REPO / "jobs/score_directory.py"), "--input", str(folder),
                               "--output", out, "--num-cpus", str(cpus)],
                              capture_output=True, text=True, check=True,
-                             env={**__import__("os").environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                             env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"})
     m = RATE.search(res.stdout)
     return float(m.group(1)), float(m.group(2))
