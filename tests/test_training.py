@@ -1,0 +1,220 @@
+"""Training integration on real photos, a real local Ray (session fixture) and real S3.
+
+Each data set is embedded once per session (the embedding cache is a session folder);
+Ray Train fits are few: identities with 2 workers (through the job), the same with
+1 worker, identities with a worker killed mid-run, UTKFace age+gender, and a csv set on S3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def embedding_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("embedding-cache"))
+
+
+@pytest.fixture(scope="session")
+def identity_bundle(ray_cluster, data_dir, embedding_cache, tmp_path_factory):
+    """The job, as a user runs it: identities, 2 workers, unknown faces for the open-set check."""
+    import contextlib
+    import io
+
+    from jobs.train_classifier import main
+
+    out = tmp_path_factory.mktemp("identity-bundle")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--data", str(data_dir / "identities"), "--output", str(out), "--workers", "2",
+                     "--cache", embedding_cache, "--unknown", str(data_dir / "unknown")])
+    assert code == 0, buf.getvalue()[-3000:]
+    return out, json.loads((out / "metrics.json").read_text()), buf.getvalue()
+
+
+def test_identities_two_workers_accuracy_open_set_and_bundle(identity_bundle):
+    out, metrics, stdout = identity_bundle
+    test = metrics["test"]["identity"]
+    print("METRIC identities 2 workers:", test, metrics["unknown"], metrics["heads"], metrics["open_set"],
+          "no_face", metrics["no_face"], "epochs", metrics["epochs_run"])
+    assert test["accuracy"] >= 0.98, test
+    assert test["known_rejected"] <= 0.05, test
+    assert metrics["unknown"]["identity"]["rejected"] >= 0.90, metrics["unknown"]
+    assert metrics["photos"] == 1449 and metrics["workers"] == 2
+    assert metrics["no_face"] + sum(metrics["errors"].values()) + sum(metrics["split"].values()) == 1449
+    # summary: photos, faces, no-face count, where the bundle went
+    for needle in ("photos read:   1449", "no face:", f"model:         {out}", "unknown faces: identity rejected"):
+        assert needle in stdout, stdout[-2000:]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["backbone"]["id"] == "dlib_resnet_v1" and meta["backbone"]["geometry"]["size"] == 128
+    (task,) = meta["tasks"]
+    assert task["name"] == "identity" and task["kind"] == "classification" and len(task["labels"]) == 42
+    assert task["open_set"] and task["exclusive"] and 0 < task["max_dist"] < 1
+    assert meta["metrics"]["test"]["identity"]["accuracy"] == test["accuracy"]
+    assert (out / "heads.pt").stat().st_size > 0 and not (out / "checkpoints").exists()
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 4 and "confusion matrix" in report
+    assert len(metrics["history"]) == metrics["epochs_run"] >= 2
+
+
+def test_one_and_two_workers_agree(identity_bundle, data_dir, embedding_cache, tmp_path):
+    from pipeline.training import TrainConfig, train
+
+    _, two, _ = identity_bundle
+    one = train(str(data_dir / "identities"), str(tmp_path / "one"), "folders", None,
+                TrainConfig(workers=1), cache_uri=embedding_cache, report=False, log=lambda *_: None)
+    print("METRIC identities 1 worker:", one.metrics["test"], "2 workers:", two["test"])
+    assert one.embed_info["embedded"] == 0  # came from the session's cache: no second embedding pass
+    assert one.metrics["workers"] == 1
+    assert abs(one.metrics["test"]["identity"]["accuracy"] - two["test"]["identity"]["accuracy"]) <= 0.02
+
+
+def test_killed_worker_resumes_from_checkpoint(identity_bundle, data_dir, embedding_cache, tmp_path):
+    """SIGKILL one Ray Train worker once a checkpoint exists; the run must resume from it."""
+    import ray._private.state as ray_state
+
+    from pipeline.training import TrainConfig, train
+
+    out = tmp_path / "killed"
+    cfg = TrainConfig(workers=2, epochs=40, patience=40, batch_size=16, head="linear", max_failures=2)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["outcome"] = train(str(data_dir / "identities"), str(out), "folders", None, cfg,
+                                      cache_uri=embedding_cache, report=False, keep_checkpoints=True,
+                                      log=lambda *_: None)
+        except BaseException as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and t.is_alive() and killed is None:
+        # a checkpoint is committed once every rank has reported: with two directories on
+        # storage the first one is certainly registered, so the run must resume from it
+        ckpts = list((out / "checkpoints").glob("train-*/checkpoint_*"))
+        if len(ckpts) >= 2:
+            workers = [a for a in ray_state.actors().values()
+                       if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
+            if workers:
+                killed = workers[-1]["Pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    assert killed, "never saw a checkpoint and a live Train worker to kill"
+    t.join(timeout=300)
+    assert not t.is_alive(), "training did not finish after the worker was killed"
+    assert "error" not in result, result.get("error")
+    m = result["outcome"].metrics
+    print("METRIC killed worker pid", killed, "resumed_from", m["resumed_from"], m["test"])
+    assert m["resumed_from"] >= 1, m           # restarted from a checkpoint, not from scratch
+    assert m["test"]["identity"]["accuracy"] >= 0.97
+
+
+def test_utk_age_and_gender_together(ray_cluster, data_dir, embedding_cache, tmp_path):
+    from jobs.train_classifier import main
+
+    out = tmp_path / "utk"
+    code = main(["--data", str(data_dir / "attributes" / "utkface"), "--layout", "utk", "--task", "age,gender",
+                 "--output", str(out), "--workers", "2", "--cache", embedding_cache])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    print("METRIC utk:", metrics["test"], metrics["heads"], "no_face", metrics["no_face"])
+    assert metrics["test"]["gender"]["accuracy"] >= 0.85, metrics["test"]
+    assert metrics["test"]["age"]["mae"] <= 9.0, metrics["test"]
+    meta = json.loads((out / "model.json").read_text())
+    kinds = {t["name"]: t for t in meta["tasks"]}
+    assert kinds["age"]["kind"] == "regression" and kinds["gender"]["labels"] == ["female", "male"]
+    assert not kinds["gender"]["open_set"]  # attributes are not open-set: a new person still has a gender
+
+
+def test_csv_on_s3_with_missing_labels(ray_cluster, local_s3, data_dir, tmp_path):
+    """csv layout read from S3, a label missing for one task, bundle and checkpoints on S3."""
+    from pipeline import storage
+    from pipeline.heads import ModelBundle
+    from pipeline.training import TrainConfig, train
+
+    fs = storage.s3_filesystem()
+    bucket = "csvtrain"
+    local_s3.create_bucket(bucket)
+    files = sorted((data_dir / "attributes" / "utkface").glob("*.jpg"))[::4][:120]
+    lines = ["path,gender,age"]
+    for i, f in enumerate(files):
+        with fs.open_output_stream(f"{bucket}/photos/img/{f.name}") as o:
+            o.write(f.read_bytes())
+        age, g = f.name.split("_")[:2]
+        gender = "" if i % 6 == 0 else ("male", "female")[int(g)]
+        lines.append(f"img/{f.name},{gender},{'' if i % 7 == 3 else age}")
+    with fs.open_output_stream(f"{bucket}/photos/index.csv") as o:
+        o.write(("\n".join(lines) + "\n").encode())
+    outcome = train(f"s3://{bucket}/photos", f"s3://{bucket}/model", "csv", None,
+                    TrainConfig(workers=2, epochs=30, head="linear"),
+                    cache_uri=f"s3://{bucket}/cache", report=True, log=lambda *_: None)
+    test = outcome.metrics["test"]
+    print("METRIC csv on s3:", test, outcome.metrics["split"])
+    assert set(test) == {"gender", "age"}
+    labelled_gender = sum(1 for i in range(len(files)) if i % 6)
+    assert test["gender"]["faces"] < outcome.metrics["split"]["test"] or labelled_gender == len(files)
+    assert test["gender"]["accuracy"] >= 0.6 and np.isfinite(test["age"]["mae"])
+    bundle = ModelBundle.load(f"s3://{bucket}/model")
+    assert bundle.tasks == [("gender", "classification"), ("age", "regression")]
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/model"))}
+    assert {"model.json", "heads.pt", "metrics.json", "report.html"} <= names
+    assert fs.get_file_info(f"{bucket}/cache").type == pafs.FileType.Directory
+
+
+def test_score_directory_uses_the_bundle(identity_bundle, data_dir, tmp_path):
+    from jobs.score_directory import main
+    from pipeline.heads import ModelBundle
+
+    bundle_dir, _, _ = identity_bundle
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    known = sorted((data_dir / "identities").glob("*/*_0003.jpg"))[:6]
+    strangers = sorted((data_dir / "unknown").glob("*/*.jpg"))[:6]
+    for f in known + strangers:
+        (photos / f.name).symlink_to(f)
+    out = tmp_path / "table"
+    assert main(["--input", str(photos), "--output", str(out), "--model", str(bundle_dir)]) == 0
+    t = pads.dataset(str(out), format="parquet").to_table()
+    assert str(t.schema.field("identity").type) == "string"
+    assert str(t.schema.field("identity_score").type) == "float"
+    assert set(t.column("model_version").to_pylist()) == {ModelBundle.load(str(bundle_dir)).model_version}
+    rows = t.to_pylist()
+    by_photo: dict[str, list] = {}
+    for r in rows:
+        by_photo.setdefault(os.path.basename(r["image_uri"]), []).append(r)
+    right = sum(any(r["identity"] == f.parent.name for r in by_photo[f.name]) for f in known)
+    assert right >= 5
+    stranger_labels = [r["identity"] for f in strangers for r in by_photo[f.name] if r["face_index"] is not None]
+    assert stranger_labels.count("unknown") >= 0.8 * len(stranger_labels)
+    for rs in by_photo.values():  # one photo never names the same person twice
+        named = [r["identity"] for r in rs if r["identity"] not in (None, "unknown")]
+        assert len(named) == len(set(named))
+
+
+def test_misuse_exits_2_with_one_line_reason(ray_cluster, data_dir, tmp_path, capsys):
+    from jobs.train_classifier import main
+
+    assert main(["--data", str(data_dir / "identities"), "--output", str(tmp_path / "m"), "--use-gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "GPU" in err and len(err.splitlines()) == 1
+    assert main(["--data", str(data_dir / "identities"), "--output", str(tmp_path / "m"), "--layout", "csv"]) == 2
+    assert "index.csv" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "missing"), "--output", str(tmp_path / "m")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", "x", "--output", "y", "--finetune"])
+    assert exc.value.code == 2
