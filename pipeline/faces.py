@@ -6,11 +6,16 @@ loses nothing measurable).  Chips are warped from the decoded photo, so big phot
 their detail.  Everything returned is in the photo's own pixel coordinates (after EXIF
 orientation), pixel-centre convention (pixel i covers [i - 0.5, i + 0.5]).
 
-Small photos (long side < ``SMALL_SIDE``) are *upscaled* to ``SMALL_SIDE`` for detection.
+Tiny photos (long side < ``TINY_SIDE``) are *upscaled* to ``UPSCALE_TO`` for detection.
 Measured on FER2013 48×48 crops (415): faces found 77.3 % as is, 68–70 % with a black or
-replicated border of 25–100 % (padding hurts: it shrinks the face further), 95.9 % upscaled
-to 192 px; UTKFace 200×200 crops are unaffected (99.8 %).  Bigger upscaling is harmful
-(UTKFace ×4: 85.7 % and 12 % doubles), so only tiny photos get it.
+replicated border of 25–100 % (padding hurts: it shrinks the face further), 94.7 % upscaled
+to 128 px, 95.9 % to 192; UTKFace 200×200 crops are unaffected (99.8 %).  Bigger upscaling
+is harmful (UTKFace ×4: 85.7 % found, 12 % doubles), so only tiny photos get it.
+
+The detection copy is shrunk with ``pyrDown`` while it is ≥ 2× too big, then bilinear:
+``cv2.resize(INTER_AREA)`` at a fractional factor costs 8 ms per 0.75 MP WIDER photo
+(1 thread) against 1.2 ms bilinear, with the same WIDER recall (≥ 40 px faces 96.1 vs
+96.3 %, ≥ 24 px 90.4 vs 90.0 %) and landmarks within 1.3 % of the box width.
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from pipeline.decoding import DecodedImage
 from pipeline.geometry import DLIB_CHIP, ChipGeometry, similarity_transform
 
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
-#: Photos whose long side is below this are upscaled to it for detection (see module doc).
-SMALL_SIDE = 192
+#: Photos whose long side is below TINY_SIDE are upscaled to UPSCALE_TO for detection.
+TINY_SIDE = 128
+UPSCALE_TO = 192
 
 
 @dataclass
@@ -82,16 +88,11 @@ class FaceDetector:
         long_side = max(h, w)
         if long_side > self.det_max_side:
             s = self.det_max_side / long_side
-            interp = cv2.INTER_AREA
-        elif long_side < SMALL_SIDE:
-            s = SMALL_SIDE / long_side
-            interp = cv2.INTER_LINEAR
+        elif long_side < TINY_SIDE:
+            s = UPSCALE_TO / long_side
         else:
-            s, interp = 1.0, None
-        if interp is None:
-            small = rgb
-        else:
-            small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
+            s = 1.0
+        small = rgb if s == 1.0 else _resize(rgb, (max(1, round(w * s)), max(1, round(h * s))))
         bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
         dh, dw = bgr.shape[:2]
         self._net.setInputSize((dw, dh))
@@ -108,6 +109,13 @@ class FaceDetector:
         order = keep[np.lexsort((pts[keep, 0, 1], pts[keep, 0, 0]))]
         return [Face(np.array([*pts[i, 0], *sizes[i]], np.float32), pts[i, 1:].astype(np.float32),
                      float(dets[i, 14])) for i in order]
+
+
+def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to ``size`` (w, h): halve with ``pyrDown`` while ≥ 2× too big, then bilinear."""
+    while size[0] * 2 <= rgb.shape[1] and size[1] * 2 <= rgb.shape[0]:
+        rgb = cv2.pyrDown(rgb)
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
 
 
 def crop_chips(img: DecodedImage, faces: list[Face], geometry: ChipGeometry = DLIB_CHIP) -> np.ndarray:
