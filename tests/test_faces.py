@@ -145,14 +145,17 @@ def test_min_face_drops_small_faces(data_dir: Path) -> None:
 # ---------------------------------------------------------------- non-faces
 
 def test_nonfaces_mostly_give_no_face(detector, data_dir: Path) -> None:
-    """YuNet at 0.6 fires on some dog faces (measured: dogs 20/45, cats 4/45, objects 2/13)."""
+    """A flat 0.6 fires on dog faces (dogs 20/45, cats 4/45, objects 2/13 give a face); the
+    size-aware threshold keeps big unsure detections out."""
     none = defaultdict(list)
     for p in _images(data_dir / "nonfaces"):
         none[p.parent.name].append(not detector.detect(_decode(p)))
     rate = {k: float(np.mean(v)) for k, v in none.items()}
     everything = float(np.mean(sum(none.values(), [])))
-    assert everything >= 0.65, rate            # measured 0.75
-    assert rate["cats"] >= 0.8 and rate["objects"] >= 0.7, rate
+    assert everything >= 0.9, rate
+    assert rate["cats"] >= 0.9 and rate["objects"] >= 0.8, rate
+    flat = FaceDetector(large_face_score=0.6)  # the threshold ramp is what does it
+    assert np.mean([not flat.detect(_decode(p)) for p in _images(data_dir / "nonfaces")]) < everything
 
 
 # ---------------------------------------------------------------- coordinates
