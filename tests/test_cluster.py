@@ -28,13 +28,22 @@ def cluster_report(data_dir, tmp_path_factory):
         (photos / f"{f.parent.name}__{f.name}").write_bytes(f.read_bytes())
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     n = len(groups) + len(people) + 1
+    labelled = tmp_path_factory.mktemp("cluster-labelled")
+    for person in sorted(p for p in (data_dir / "identities").iterdir() if p.is_dir())[:5]:
+        (labelled / person.name).mkdir()
+        for f in sorted(person.glob("*.jpg"))[:12]:
+            (labelled / person.name / f.name).write_bytes(f.read_bytes())
     score = ["python", "jobs/score_directory.py", "--input", "s3://cluster/photos"]
     spec = {
         "nodes": 2, "head_cpus": 2, "worker_cpus": 1,
-        "uploads": {"photos": str(photos)},
+        "uploads": {"photos": str(photos), "labelled": str(labelled)},
         "jobs": [
             {"entrypoint": [*score, "--output", "s3://cluster/scored"], "timeout_s": 600},
-            {"entrypoint": [*score, "--output", "s3://cluster/chaos", "--crop-actors", "3"],
+            {"entrypoint": ["python", "jobs/train_classifier.py", "--data", "s3://cluster/labelled",
+                            "--output", "s3://cluster/model", "--workers", "2", "--epochs", "30"],
+             "timeout_s": 900},
+            {"entrypoint": [*score, "--output", "s3://cluster/chaos", "--crop-actors", "3",
+                            "--model", "s3://cluster/model"],
              "kill_worker_after_s": 25, "timeout_s": 900},
         ],
         "read_tables": ["scored", "chaos"],
@@ -56,9 +65,16 @@ def test_two_nodes_run_the_scoring_job(cluster_report):
     assert t["statuses"].get("decode_error") == 1
 
 
-def test_losing_a_worker_node_mid_job_loses_no_photo(cluster_report):
+def test_training_job_writes_a_bundle_on_the_cluster(cluster_report):
     job = cluster_report["jobs"][1]
+    assert job["returncode"] == 0, job["output_tail"]
+    assert "s3://cluster/model" in job["output_tail"]
+
+
+def test_losing_a_worker_node_mid_job_loses_no_photo(cluster_report):
+    job = cluster_report["jobs"][2]
     assert job["killed_raylets"], "the chaos step found no worker raylet to kill"
     assert job["returncode"] == 0, job["output_tail"]
     t = cluster_report["tables"]["chaos"]
     assert t["photos"] == t["photo_rows"] == cluster_report["expected_photos"]
+    assert "identity" in t["columns"]  # labelled with the bundle trained on the cluster

@@ -113,12 +113,15 @@ def _read_table(s3, prefix: str) -> dict:
 
     from pipeline import table
 
-    t = pads.dataset(f"cluster/{prefix}", filesystem=s3.filesystem(), format="parquet").to_table(
-        columns=["image_uri", "status", "face_index"])
+    ds = pads.dataset(f"cluster/{prefix}", filesystem=s3.filesystem(), format="parquet")
+    if not ds.files:
+        return {"rows": 0, "photos": 0, "photo_rows": 0, "columns": [], "statuses": {}}
+    cols = ds.schema.names
+    t = ds.to_table(columns=["image_uri", "status", "face_index"])
     first = table.first_rows(t)
     uris = first.column("image_uri").to_pylist()
     counts = first.group_by("status").aggregate([("image_uri", "count")])
-    return {"rows": t.num_rows, "photos": len(set(uris)), "photo_rows": len(uris),
+    return {"rows": t.num_rows, "photos": len(set(uris)), "photo_rows": len(uris), "columns": cols,
             "statuses": dict(zip(counts["status"].to_pylist(), counts["image_uri_count"].to_pylist()))}
 
 
