@@ -58,24 +58,23 @@ class UsageError(ValueError):
 
 
 def backbone_info(settings: Settings) -> dict[str, Any]:
-    """Backbone id and chip geometry, recorded in the bundle and in the cache key."""
-    from pipeline.backbone import DLIB_RESNET
+    """Backbone id, weights hash and chip geometry: recorded in the bundle and keying the
+    cache (by content, so other weights under the same file name never reuse embeddings)."""
+    from pipeline.backbone import DLIB_RESNET, read_weights_bytes
 
-    spec = DLIB_RESNET
-    geo = spec.geometry
-    bid = getattr(spec, "id", None) or getattr(spec, "name", None) or "dlib_resnet"
-    weights = settings.weights or "default"
-    return {"id": str(bid), "weights": os.path.basename(str(weights)),
+    data, _ = read_weights_bytes(settings.weights)
+    geo = DLIB_RESNET.geometry
+    return {"id": DLIB_RESNET.id, "weights_sha256": hashlib.sha256(data).hexdigest(),
             "geometry": {"size": geo.size, "net_input": geo.net_input,
                          "template_norm": [list(p) for p in geo.template_norm]}}
 
 
 def cache_key(data_uri: str, settings: Settings, flip_tta: bool) -> str:
     detector = {"det_max_side": settings.det_max_side, "det_score": settings.det_score,
-                "min_face": settings.min_face, "model": settings.detector_model}
+                "det_score_large": settings.det_score_large, "min_face": settings.min_face,
+                "model": settings.detector_model}
     blob = json.dumps({"data": data_uri.rstrip("/"), "backbone": backbone_info(settings),
-                       "weights": settings.weights, "detector": detector, "flip": flip_tta},
-                      sort_keys=True)
+                       "detector": detector, "flip": flip_tta}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
