@@ -12,6 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
+from jobs.cli import positive_int  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="score_directory.py", description=__doc__,
@@ -19,27 +21,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of photos (recursive)")
     p.add_argument("--output", required=True, help="folder or s3://bucket/prefix for the Parquet table")
     p.add_argument("--model", help="model bundle (folder or s3:// prefix) from train_classifier.py")
-    p.add_argument("--limit", type=_positive, help="score only the first N photos (sorted by URI)")
+    p.add_argument("--limit", type=positive_int, help="score only the first N photos (sorted by URI)")
     p.add_argument("--resume", action="store_true", help="skip photos already in --output")
-    p.add_argument("--min-face", type=_positive, help="smallest face side in photo pixels (default 20)")
-    p.add_argument("--det-max-side", type=_positive, help="detect at this max image side (default 640)")
+    p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
+    p.add_argument("--det-max-side", type=positive_int, help="detect at this max image side (default 640)")
     p.add_argument("--flip-tta", action="store_true", help="average embeddings with the mirrored chip")
-    p.add_argument("--crop-actors", type=_positive, help="CPU actors for decode/detect/crop (default: from the cluster)")
-    p.add_argument("--embed-actors", type=_positive, help="embedding actors (default: one per GPU, or CPUs/4)")
-    p.add_argument("--device-batch", type=_positive, help="faces per forward pass (default 256 GPU, 32 CPU)")
+    p.add_argument("--crop-actors", type=positive_int, help="CPU actors for decode/detect/crop (default: from the cluster)")
+    p.add_argument("--embed-actors", type=positive_int, help="embedding actors (default: one per GPU, or CPUs/4)")
+    p.add_argument("--device-batch", type=positive_int, help="faces per forward pass (default 256 GPU, 32 CPU)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=_positive, help="CPUs of a local Ray started by this job")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
     return p.parse_args(argv)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

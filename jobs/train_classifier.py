@@ -19,15 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from jobs.cli import positive_int  # noqa: E402
 
 
 def _fraction(text: str) -> float:
@@ -60,14 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folders: <root>/<label>/<img>; csv: <root>/index.csv; utk: UTKFace names")
     p.add_argument("--task", help="folders: the task's name (default identity); csv/utk: tasks to train, "
                                   "comma-separated (default all)")
-    p.add_argument("--workers", type=_positive, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (the cluster must have them)")
-    p.add_argument("--epochs", type=_positive, default=60, help="maximum epochs (early stopping on validation)")
-    p.add_argument("--patience", type=_positive, default=8, help="epochs without validation gain before stopping")
+    p.add_argument("--epochs", type=positive_int, default=60, help="maximum epochs (early stopping on validation)")
+    p.add_argument("--patience", type=positive_int, default=8, help="epochs without validation gain before stopping")
     p.add_argument("--head", choices=("auto", "linear", "mlp"), default="auto",
                    help="head type; auto trains both in one run and keeps the better per task on validation")
-    p.add_argument("--hidden", type=_positive, default=256, help="MLP hidden width")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--hidden", type=positive_int, default=256, help="MLP hidden width")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--val-frac", type=_fraction, default=0.15, help="validation share (stratified)")
     p.add_argument("--test-frac", type=_fraction, default=0.15, help="test share (stratified)")
@@ -84,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--finetune", action="store_true", help="not implemented (heads on frozen embeddings)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=_positive, help="CPUs of a local Ray started by this job")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
     args = p.parse_args(argv)
     if args.val_frac + args.test_frac >= 0.8:
         p.error("--val-frac + --test-frac must leave most photos for training")
