@@ -37,8 +37,8 @@ UPSCALE_TO = 192
 # A big face is seen clearly, so YuNet is sure of it; a big detection it is unsure of is
 # nearly always an animal's face or a pattern.  The score a face needs therefore rises from
 # ``score_threshold`` at 30 px to ``large_face_score`` at 100 px (detection-scale pixels,
-# never upscaled ones).  Measured on ../shared/data: non-face photos with a detection
-# 25 % → 6 %, WIDER faces kept 754 → 752 of 769, LFW faces missed 0 → 0 (a flat threshold
+# never upscaled ones).  benchmarks/detect_accuracy.py: non-face photos with a detection
+# 24 % → 5 %, WIDER faces found 749 → 747, LFW portraits missed 0 → 0 (a flat threshold
 # high enough for the dogs loses a fifth of the small faces in crowds).
 RAMP_PX = (30.0, 100.0)
 
