@@ -44,9 +44,9 @@ def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
         n_embed = embed_actors or int(gpus)
         embed_cpus, embed_gpus, dev_batch = 1.0, 1.0, device_batch or 256
     else:
-        # A CPU forward pass costs about as much per face as detection per photo: give the
-        # embedder a quarter of the cores, at least one actor.
-        n_embed = embed_actors or max(1, int(cpus // 4))
+        # On CPUs the embedding is the biggest kernel (benchmarks/README.md score_speed:
+        # 15 of 20 ms per portrait, 87 of 122 ms per group photo): half the cores.
+        n_embed = embed_actors or max(1, int(cpus // 2))
         embed_cpus, embed_gpus, dev_batch = (0.5 if small else 1.0), 0.0, device_batch or 32
     crop_cpus = 0.5 if small else 1.0
     write_cpus = 0.25 if small else 0.5
