@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         source = stage_photos(Path(tmp), args.photos)
         s3.create_bucket("faceray-demo")
         n = s3.upload_dir(tmp, "faceray-demo", "photos")
-        print(f"local S3 at {s3.endpoint}: uploaded {n} photos from {source} to s3://faceray-demo/photos")
+        print(f"local S3 at {s3.endpoint}: uploaded {n} files from {source} to s3://faceray-demo/photos")
         os.environ.update(s3.env)  # the job (and Ray's workers) read the usual AWS variables
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         init_ray(num_cpus=args.num_cpus)
