@@ -104,7 +104,7 @@ def main() -> None:
         known = stage(sets["portraits"][:1], tmp / "known")  # the CLI needs one known person
         init_ray(num_cpus=CPUS)
         faceray_job(stage(sets["portraits"][:20], tmp / "warm"), tmp / "warm-out")  # first-dataset start-up
-        print(f"\n| set | photos | faces | faceray job s | photos/s | marginal ms/photo | face_recognition s | photos/s | ratio |")
+        print("\n| set | photos | faces | faceray job s | photos/s | marginal ms/photo | face_recognition s | photos/s | ratio |")
         print("|---|---|---|---|---|---|---|---|---|")
         results = {}
         for name, files in sets.items():

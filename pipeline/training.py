@@ -32,10 +32,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.heads import (CLASSIFICATION, REGRESSION, EMBEDDING_DIM, ModelBundle, TaskSpec,
+from pipeline.heads import (CLASSIFICATION, EMBEDDING_DIM, ModelBundle, TaskSpec,
                             calibrate_open_set, class_centroids, default_open_set, regression_scale)
 from pipeline.settings import Settings
 
@@ -412,7 +411,6 @@ def _train_loop(config: dict[str, Any]) -> None:
                     best[k] = {"crit": crit, "epoch": epoch,
                                "state": copy.deepcopy({n: p.detach().clone() for n, p in
                                                        model.heads[k].state_dict().items()})}
-                    improved = True
         history.append({k: v for k, v in metrics.items()})
         last_best = max(b["epoch"] for b in best.values())
         stop = (epoch - last_best >= config["patience"]) or epoch == config["epochs"] - 1

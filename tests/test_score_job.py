@@ -1,7 +1,6 @@
 """The scoring job end to end: real photos on a real S3 server, a real local Ray."""
 from __future__ import annotations
 
-import io
 import random
 import struct
 import zlib
