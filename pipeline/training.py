@@ -390,7 +390,6 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(seen, 1),
                                    "rows_per_s_per_worker": seen / max(train_s, 1e-9),
                                    "world_size": world, "resumed_from": resumed_from}
-        improved = False
         for s in specs:
             y = val_y[s.name]
             for v in variants:
