@@ -73,10 +73,9 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
           resume: bool = False, settings: Settings | None = None, plan: Plan | None = None,
           flip_tta: bool = False, log=print) -> Summary:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
     from ray.data.datasource import FilenameProvider
 
-    from pipeline.stages import CropStage, EmbedStage
+    from pipeline.stages import face_dataset
 
     settings = settings or Settings.from_env()
     started = time.monotonic()
@@ -110,22 +109,9 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
     plan = plan or plan_resources(ray.cluster_resources())
     summary.plan = plan.describe()
     log(summary.plan)
-    ctx = DataContext.get_current()
-    ctx.execution_options.verbose_progress = False
     fs, out_path = storage.resolve(output_uri)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
-    blocks = [manifest.slice(i, chunk) for i in range(0, manifest.num_rows, chunk)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        CropStage, fn_constructor_args=(storage.resolve(input_uri)[0], settings),
-        batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
-    ds = ds.map_batches(
-        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta),
-        batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
-        num_gpus=plan.embed_gpus or None,
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))
+    ds = face_dataset(manifest, input_uri, settings, plan, model_uri, flip_tta)
     ds.write_parquet(
         out_path, filesystem=fs, min_rows_per_file=50_000,
         filename_provider=FilenameProvider(dataset_uuid=f"{PART_PREFIX}{run_id}", file_format="parquet"),

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import table
+from pipeline.resources import Plan
 from pipeline.settings import Settings
 from pipeline.storage import read_bytes
 
@@ -89,3 +90,27 @@ class EmbedStage:
         preds = self.bundle.predict(emb, photo_ids)
         return table.face_rows(photos, emb, preds, self.bundle.tasks, self.bundle.model_version)
 
+
+
+def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: Plan,
+                 model_uri: str | None = None, flip_tta: bool = False):
+    """The Ray Data plan scoring and training share: manifest → crop actors → embed actors,
+    as a dataset of prediction-table rows."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.storage import resolve
+
+    DataContext.get_current().execution_options.verbose_progress = False
+    chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
+    uris = manifest.select(["image_uri"])
+    ds = ray.data.from_arrow([uris.slice(i, chunk) for i in range(0, uris.num_rows, chunk)])
+    ds = ds.map_batches(
+        CropStage, fn_constructor_args=(resolve(input_uri)[0], settings),
+        batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
+    return ds.map_batches(
+        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta),
+        batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
+        num_gpus=plan.embed_gpus or None,
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))

@@ -126,25 +126,13 @@ def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: 
                log: Callable[[str], None] = print) -> pa.Table:
     """CropStage → EmbedStage on Ray Data actor pools (the scoring job's stages), face rows back."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
 
     from pipeline.resources import plan_resources
-    from pipeline.stages import CropStage, EmbedStage
+    from pipeline.stages import face_dataset
 
     plan = plan_resources(ray.cluster_resources())
     log(f"embedding {manifest.num_rows} photos: {plan.describe()}")
-    ctx = DataContext.get_current()
-    ctx.execution_options.verbose_progress = False
-    chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
-    blocks = [manifest.select(["image_uri"]).slice(i, chunk) for i in range(0, manifest.num_rows, chunk)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(CropStage, fn_constructor_args=(storage.resolve(data_uri)[0], settings),
-                        batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
-                        compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
-    ds = ds.map_batches(EmbedStage, fn_constructor_args=(settings, None, plan.device_batch, flip_tta),
-                        batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
-                        num_gpus=plan.embed_gpus or None,
-                        compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))
+    ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta)
     parts = ray.get(ds.to_arrow_refs())
     parts = [p for p in parts if p.num_rows]
     return pa.concat_tables(parts) if parts else pa.table({})
