@@ -1,4 +1,4 @@
-"""Face detection (YuNet via ``cv2.FaceDetectorYN``) and alignment into chips.
+"""Face detection (YuNet, run by ``pipeline.yunet``) and alignment into chips.
 
 Detection runs on a copy whose long side is at most ``det_max_side`` (YuNet finds faces of
 about 10–300 px and its cost grows with pixels; ../shared/notes/dlib-resnet.md §5.3: 640
@@ -29,6 +29,7 @@ import numpy as np
 from pipeline.decoding import DecodedImage
 from pipeline.geometry import DLIB_CHIP, ChipGeometry, similarity_transform
 from pipeline.settings import Settings
+from pipeline.yunet import YuNet
 
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 #: Photos whose long side is below TINY_SIDE are upscaled to UPSCALE_TO for detection.
@@ -75,15 +76,11 @@ class FaceDetector:
 
     def __init__(self, model_path: str | None = None, det_max_side: int = 640, min_face: int = 20,
                  score_threshold: float = 0.6, nms_threshold: float = 0.3, top_k: int = 5000,
-                 large_face_score: float = 0.9) -> None:
+                 large_face_score: float = 0.9, threads: int = 1) -> None:
         self.model_path = str(model_path or default_model_path())
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(f"face detector model not found: {self.model_path}")
-        try:
-            self._net = cv2.FaceDetectorYN.create(self.model_path, "", (320, 320), float(score_threshold),
-                                                  float(nms_threshold), int(top_k))
-        except cv2.error as exc:
-            raise ValueError(f"cannot load face detector model {self.model_path}: {exc}") from None
+        self._net = YuNet(self.model_path, score_threshold, nms_threshold, top_k, threads)
         self.det_max_side = int(det_max_side)
         self.min_face = float(min_face)
         self.score_threshold = float(score_threshold)
@@ -115,11 +112,9 @@ class FaceDetector:
         else:
             s = 1.0
         small = rgb if s == 1.0 else _resize(rgb, (max(1, round(w * s)), max(1, round(h * s))))
-        bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
-        dh, dw = bgr.shape[:2]
-        self._net.setInputSize((dw, dh))
-        _, dets = self._net.detect(bgr)
-        if dets is None or len(dets) == 0:
+        dh, dw = small.shape[:2]
+        dets = self._net(small[:, :, ::-1])  # YuNet was trained on BGR
+        if len(dets) == 0:
             return []
         dets = dets.astype(np.float64)
         dets = dets[dets[:, 14] >= self.required_score(dets[:, 2:4].min(axis=1) / max(s, 1.0))]
