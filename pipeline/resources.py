@@ -6,6 +6,7 @@ leaves Ray Data waiting forever.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -15,7 +16,7 @@ class Plan:
     gpus: float
     crop_actors: int
     crop_cpus: float          # per crop actor
-    embed_actors: int
+    embed_actors: int         # 0: fused, the crop actors embed too (CPU-only clusters)
     embed_cpus: float         # per embed actor
     embed_gpus: float         # per embed actor (0 on CPU clusters)
     crop_batch: int           # photos per crop call
@@ -23,33 +24,45 @@ class Plan:
     device_batch: int         # faces per forward pass
     write_cpus: float
 
+    @property
+    def fused(self) -> bool:
+        return self.embed_actors == 0
+
     def describe(self) -> str:
+        head = f"cluster {self.cpus:g} CPU / {self.gpus:g} GPU: "
+        if self.fused:
+            return (head + f"{self.crop_actors} actors × {self.crop_cpus:g} CPU, each decode → detect → "
+                    f"crop → embed, {self.crop_batch} photos per call, {self.device_batch} faces per forward")
         where = f"{self.embed_actors}×GPU" if self.embed_gpus else f"{self.embed_actors}×CPU"
-        return (f"cluster {self.cpus:g} CPU / {self.gpus:g} GPU: crop {self.crop_actors} actors × "
-                f"{self.crop_cpus:g} CPU, embed {where} actors, batches {self.crop_batch}/"
-                f"{self.embed_batch} photos, {self.device_batch} faces per forward")
+        return (head + f"crop {self.crop_actors} actors × {self.crop_cpus:g} CPU, embed {where} actors, "
+                f"batches {self.crop_batch}/{self.embed_batch} photos, {self.device_batch} faces per forward")
 
 
 def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
                    embed_actors: int | None = None, device_batch: int | None = None) -> Plan:
     """Split the cluster between the CPU crop stage and the embedding stage.
 
-    Small clusters (≤ 4 CPUs) get fractional CPU requests: with two whole-CPU actor stages
-    and a write task on 2 CPUs, Ray Data waits forever for a free CPU.
+    Without GPUs the two stages are fused into one actor per core (unless ``embed_actors``
+    asks for a split): split CPU pools have a fixed ratio, while the work per photo does
+    not (1 face in a portrait, 8+ in a group photo), so one pool always waited on the
+    other (benchmarks/README.md, score_speed).  Small clusters (≤ 4 CPUs) get fractional
+    CPU requests: whole-CPU actors plus a write task on 2 CPUs make Ray Data wait forever.
     """
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
     small = cpus <= 4
+    write_cpus = 0.25 if small else 0.5
+    if gpus < 1 and not embed_actors:
+        n = crop_actors or max(1, int(cpus) if small else int(cpus - write_cpus))
+        per = max(0.1, math.floor((cpus - write_cpus) / n * 100) / 100) if small else 1.0
+        return Plan(cpus, gpus, n, per, 0, 0.0, 0.0, crop_batch=8, embed_batch=8,
+                    device_batch=device_batch or 32, write_cpus=write_cpus)
     if gpus >= 1:
         n_embed = embed_actors or int(gpus)
         embed_cpus, embed_gpus, dev_batch = 1.0, 1.0, device_batch or 256
     else:
-        # On CPUs the embedding is the biggest kernel (benchmarks/README.md score_speed:
-        # 15 of 20 ms per portrait, 87 of 122 ms per group photo): half the cores.
-        n_embed = embed_actors or max(1, int(cpus // 2))
-        embed_cpus, embed_gpus, dev_batch = (0.5 if small else 1.0), 0.0, device_batch or 32
+        n_embed, embed_cpus, embed_gpus, dev_batch = embed_actors, (0.5 if small else 1.0), 0.0, device_batch or 32
     crop_cpus = 0.5 if small else 1.0
-    write_cpus = 0.25 if small else 0.5
     free = cpus - write_cpus - (0 if embed_gpus else n_embed * embed_cpus)
     n_crop = crop_actors or max(1, int(free // crop_cpus))
     return Plan(cpus, gpus, n_crop, crop_cpus, n_embed, embed_cpus, embed_gpus,

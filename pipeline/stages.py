@@ -1,5 +1,6 @@
 """Ray Data stages (callable classes for ``map_batches``): crop on CPU actors, embed and
-label on GPU actors where the cluster has GPUs.  Scoring and training both use these.
+label on GPU actors where the cluster has GPUs; on CPU-only clusters one actor does both
+(``FaceStage``).  Scoring and training both use these.
 """
 from __future__ import annotations
 
@@ -91,11 +92,23 @@ class EmbedStage:
         return table.face_rows(photos, emb, preds, self.bundle.tasks, self.bundle.model_version)
 
 
+class FaceStage:
+    """Crop then embed in one actor, for clusters without GPUs: every core does the whole
+    chain, so neither half idles waiting for the other whatever the faces per photo."""
+
+    def __init__(self, filesystem: pafs.FileSystem, settings: Settings, model_uri: str | None = None,
+                 device_batch: int = 32, flip_tta: bool = False) -> None:
+        self.crop = CropStage(filesystem, settings)
+        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.embed(self.crop(batch))
+
 
 def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: Plan,
                  model_uri: str | None = None, flip_tta: bool = False):
-    """The Ray Data plan scoring and training share: manifest → crop actors → embed actors,
-    as a dataset of prediction-table rows."""
+    """The Ray Data plan scoring and training share: manifest → crop actors → embed actors
+    (or one fused pool without GPUs), as a dataset of prediction-table rows."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -105,8 +118,14 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
     uris = manifest.select(["image_uri"])
     ds = ray.data.from_arrow([uris.slice(i, chunk) for i in range(0, uris.num_rows, chunk)])
+    fs = resolve(input_uri)[0]
+    if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
+        return ds.map_batches(
+            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta),
+            batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
+            compute=ActorPoolStrategy(size=plan.crop_actors))
     ds = ds.map_batches(
-        CropStage, fn_constructor_args=(resolve(input_uri)[0], settings),
+        CropStage, fn_constructor_args=(fs, settings),
         batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
     return ds.map_batches(
