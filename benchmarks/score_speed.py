@@ -1,14 +1,24 @@
 """Whole scoring job vs the face_recognition CLI, and pipeline cost vs its bare kernels.
 
-    .venv/bin/python benchmarks/score_speed.py [--portraits 400] [--no-face-recognition]
+    .venv/bin/python benchmarks/score_speed.py [--portraits 1400] [--group-repeats 4] [--split] [--no-face-recognition]
 
-On the same photos in one run: LFW-size portraits and the WIDER group photos.
-- faceray: jobs' `score()` on a local Ray (2 CPUs) from a folder to Parquet; photos/s
-  end to end, plus the marginal per-photo cost (two sizes, so Ray's fixed start-up is
-  reported apart).
-- face_recognition CLI (dlib HOG + dlib ResNet, `--cpus 2`), same folders.
-- the per-photo sum of the bare kernels (read, decode, detect, warp, embed), each timed
-  alone on 1 thread, next to the pipeline's CPU-seconds per photo: the overhead.
+On the same folders in one run: LFW-size portraits (``identities``) and the WIDER group
+photos (``groups``; ``--group-repeats`` copies of the 97, so the job is long enough to be
+a job).
+- faceray: the user's command, ``python jobs/score_directory.py --input DIR --output DIR``,
+  as a fresh process submitted to a running local Ray cluster (2 CPUs), wall clock from
+  process start to exit: Python and import start-up, Ray Data planning, actor start-up
+  (torch import, weights), every photo, the Parquet write and the summary.  This is what
+  ``ray job submit`` runs; starting the cluster itself is timed apart (once per cluster).
+  Each set is also run on its first half, so the fixed start-up and the marginal cost per
+  photo are reported apart.
+- ``--split``: the same jobs with split crop and embedding pools (``--embed-actors 1``),
+  the plan CPU clusters had before the fused actor.
+- face_recognition CLI (dlib HOG + dlib ResNet, ``--cpus 2``) on the same folders.
+- the pipeline on one core (``--crop-actors 1``: one actor) per photo, marginal, next to
+  the sum of its kernels (read, decode, detect, warp, embed) timed alone on 1 thread: the
+  pipeline's overhead.  (One actor, because the machine's two logical CPUs do not make
+  two cores' worth of work: see the scaling benchmark.)
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import group_photos, header, portraits  # noqa: E402
 
 CPUS = 2
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stage(files: list[Path], dest: Path) -> Path:
@@ -48,7 +59,7 @@ def kernels(files: list[Path]) -> dict[str, float]:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     det, emb = FaceDetector(), Embedder(threads=1)
-    emb(np.zeros((2, 128, 128, 3), np.uint8))  # warm-up
+    emb(np.zeros((8, 128, 128, 3), np.uint8))  # warm-up
     t = dict(read=0.0, decode=0.0, detect=0.0, warp=0.0, embed=0.0)
     chips = []
     for f in files:
@@ -69,66 +80,84 @@ def kernels(files: list[Path]) -> dict[str, float]:
     return out
 
 
-def faceray_job(folder: Path, out: Path) -> tuple[float, int, int]:
-    from pipeline.scoring import score
-
+def faceray_job(folder: Path, out: Path, address: str, *extra: str) -> tuple[float, int, int]:
+    """Wall seconds of the job command, photos and faces (from its summary)."""
     shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     t0 = time.perf_counter()
-    s = score(str(folder), str(out), log=lambda *_: None)
-    return time.perf_counter() - t0, s.photos, s.faces
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "score_directory.py"), "--input", str(folder),
+                          "--output", str(out), "--ray-address", address, *extra],
+                         capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"score_directory failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    summary = {line.split(":", 1)[0].strip(): line.split(":", 1)[1] for line in res.stdout.splitlines() if ":" in line}
+    return wall, int(summary["photos scored"].split()[0]), int(summary["faces found"].split()[0])
 
 
-def face_recognition_cli(folder: Path, known: Path) -> tuple[float, int]:
+def face_recognition_cli(folder: Path, known: Path) -> float:
     exe = Path(sys.executable).parent / "face_recognition"
     if not exe.exists():
         raise FileNotFoundError("face_recognition CLI missing: `make bench` installs it (pip install --no-deps face_recognition==1.3.0)")
     t0 = time.perf_counter()
-    res = subprocess.run([str(exe), "--cpus", str(CPUS), str(known), str(folder)],
-                         capture_output=True, text=True, check=True)
-    faces = sum(1 for line in res.stdout.splitlines() if "," in line and "no_persons_found" not in line)
-    return time.perf_counter() - t0, faces
+    subprocess.run([str(exe), "--cpus", str(CPUS), str(known), str(folder)], capture_output=True, text=True, check=True)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--portraits", type=int, default=400)
+    p.add_argument("--portraits", type=int, default=1400)
+    p.add_argument("--group-repeats", type=int, default=4)
+    p.add_argument("--split", action="store_true", help="also time split crop/embed pools (--embed-actors 1)")
     p.add_argument("--no-face-recognition", action="store_true")
     args = p.parse_args()
     header("faceray scoring job vs face_recognition CLI; pipeline vs kernels")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
     from pipeline.scoring import init_ray
 
-    sets = {"portraits": portraits(args.portraits), "groups": group_photos()}
+    sets = {"portraits": portraits(args.portraits), "groups": group_photos() * args.group_repeats}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         known = stage(sets["portraits"][:1], tmp / "known")  # the CLI needs one known person
+        t0 = time.perf_counter()
         init_ray(num_cpus=CPUS)
-        faceray_job(stage(sets["portraits"][:20], tmp / "warm"), tmp / "warm-out")  # first-dataset start-up
-        print("\n| set | photos | faces | faceray job s | photos/s | marginal ms/photo | face_recognition s | photos/s | ratio |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        address = ray.get_runtime_context().gcs_address
+        print(f"local Ray cluster ({CPUS} CPUs) started in {time.perf_counter() - t0:.1f} s (once per cluster, not in the job times)")
+        print("\n| set | photos | faces | faceray job s | photos/s | fixed s | marginal ms/photo | face_recognition s | photos/s | ratio | marginal ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         results = {}
         for name, files in sets.items():
             folder = stage(files, tmp / name)
             half = stage(files[: len(files) // 2], tmp / f"{name}-half")
-            t_half, n_half, _ = faceray_job(half, tmp / "o-half")
-            t_full, n_full, faces = faceray_job(folder, tmp / "o-full")
+            t_half, n_half, _ = faceray_job(half, tmp / "o-half", address)
+            t_full, n_full, faces = faceray_job(folder, tmp / "o-full", address)
             marginal = (t_full - t_half) / max(1, n_full - n_half)
-            fr = ("-", "-", "-")
+            fixed = t_full - marginal * n_full
+            fr = ["-"] * 4
             if not args.no_face_recognition:
-                t_fr, _ = face_recognition_cli(folder, known)
-                fr = (f"{t_fr:.1f}", f"{len(files) / t_fr:.2f}", f"{t_fr / t_full:.1f}×")
-            results[name] = (files, marginal)
-            print(f"| {name} | {n_full} | {faces} | {t_full:.1f} | {n_full / t_full:.2f} | {marginal * 1e3:.1f} | "
-                  f"{fr[0]} | {fr[1]} | {fr[2]} |")
-        print("\nper-photo cost: pipeline (marginal wall × CPUs) vs the sum of its kernels alone (1 thread)")
-        print("| set | read | decode | detect | warp | embed | kernel sum ms | pipeline CPU-ms | overhead |")
+                t_fr = face_recognition_cli(folder, known)
+                fr = [f"{t_fr:.1f}", f"{len(files) / t_fr:.2f}", f"**{t_fr / t_full:.1f}×**",
+                      f"{t_fr / len(files) / marginal:.1f}×"]
+            t1_half, _, _ = faceray_job(half, tmp / "o1-half", address, "--crop-actors", "1")
+            t1_full, _, _ = faceray_job(folder, tmp / "o1-full", address, "--crop-actors", "1")
+            results[name] = (files, (t1_full - t1_half) / max(1, n_full - n_half))
+            print(f"| {name} | {n_full} | {faces} | {t_full:.1f} | {n_full / t_full:.2f} | {fixed:.1f} | "
+                  f"{marginal * 1e3:.1f} | " + " | ".join(fr) + " |", flush=True)
+            if args.split:
+                ts_half, _, _ = faceray_job(half, tmp / "os-half", address, "--embed-actors", "1")
+                ts_full, _, _ = faceray_job(folder, tmp / "os-full", address, "--embed-actors", "1")
+                m = (ts_full - ts_half) / max(1, n_full - n_half)
+                print(f"| {name}, split pools | {n_full} | {faces} | {ts_full:.1f} | {n_full / ts_full:.2f} | "
+                      f"{ts_full - m * n_full:.1f} | {m * 1e3:.1f} | | | | |", flush=True)
+        print("\nper-photo cost on one core: the pipeline (one actor, marginal ms/photo) vs the sum of its kernels alone (1 thread)")
+        print("| set | read | decode | detect | warp | embed | kernel sum ms | pipeline ms | overhead |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for name, (files, marginal) in results.items():
-            k = kernels(files)
+        for name, (files, one_core) in results.items():
+            k = kernels(files[:400])
             total = sum(k[s] for s in ("read", "decode", "detect", "warp", "embed"))
-            pipe = marginal * CPUS
             print(f"| {name} | " + " | ".join(f"{k[s] * 1e3:.1f}" for s in ("read", "decode", "detect", "warp", "embed"))
-                  + f" | {total * 1e3:.1f} | {pipe * 1e3:.1f} | {100 * (pipe / total - 1):+.0f} % |")
+                  + f" | {total * 1e3:.1f} | {one_core * 1e3:.1f} | {100 * (one_core / total - 1):+.0f} % |")
 
 
 if __name__ == "__main__":

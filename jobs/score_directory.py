@@ -26,8 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
     p.add_argument("--det-max-side", type=positive_int, help="detect at this max image side (default 640)")
     p.add_argument("--flip-tta", action="store_true", help="average embeddings with the mirrored chip")
-    p.add_argument("--crop-actors", type=positive_int, help="CPU actors for decode/detect/crop (default: from the cluster)")
-    p.add_argument("--embed-actors", type=positive_int, help="embedding actors (default: one per GPU, or CPUs/2)")
+    p.add_argument("--crop-actors", type=positive_int,
+                   help="CPU actors for decode/detect/crop (default: from the cluster; without GPUs they embed too)")
+    p.add_argument("--embed-actors", type=positive_int,
+                   help="embedding actors (default: one per GPU; without GPUs, none: the crop actors embed)")
     p.add_argument("--device-batch", type=positive_int, help="faces per forward pass (default 256 GPU, 32 CPU)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")

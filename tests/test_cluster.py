@@ -58,8 +58,9 @@ def test_two_nodes_run_the_scoring_job(cluster_report):
     job = cluster_report["jobs"][0]
     assert job["returncode"] == 0, job["output_tail"]
     assert "faceray score_directory summary" in job["output_tail"]
-    crop_nodes = [n for name, n in cluster_report["actor_nodes"].items() if "CropStage" in name]
-    assert crop_nodes and crop_nodes[0] >= 2, cluster_report["actor_nodes"]  # both nodes cropped
+    # no GPU: the fused crop + embed actors (pipeline/resources.py)
+    crop_nodes = [n for name, n in cluster_report["actor_nodes"].items() if "FaceStage" in name]
+    assert crop_nodes and crop_nodes[0] >= 2, cluster_report["actor_nodes"]  # both nodes worked
     t = cluster_report["tables"]["scored"]
     assert t["photos"] == t["photo_rows"] == cluster_report["expected_photos"]
     assert t["statuses"].get("decode_error") == 1
