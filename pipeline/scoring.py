@@ -47,7 +47,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # A Ray we start listens on 127.0.0.1 only.  Ray reads this variable once, when it
+        # is first imported (which has happened by now), so the constant is set as well;
+        # child processes (GCS, raylet, workers) read the variable.  Never for a cluster
+        # we join: its nodes must reach this driver on the node's own address.
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = {"address": address, "log_to_driver": True}
     if num_cpus is not None and not address:
