@@ -187,14 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     if started_here:
         import socket
 
+        for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                     "RAY_AUTH_MODE": "disabled"}.items():
+            os.environ.setdefault(k, v)   # before the first `import ray`, which reads them
+        import ray
         from ray import serve
 
         from serve.app import APP_NAME, build_app
-
-        for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                     "RAY_AUTH_MODE": "disabled"}.items():
-            os.environ.setdefault(k, v)
-        import ray
 
         ray.init(num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
                  log_to_driver=False)
