@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/crop_speed.py [--repeats 3] [--portraits 200] [--det-max-side 640]
 
-Same photos, same run, one thread each (``cv2.setNumThreads(1)``; a Ray crop actor has
-one core).  faceray: ``read_bytes → decode_image → FaceDetector.detect → crop_chips``
+Same photos, same run, one thread each (``cv2.setNumThreads(1)``, and faceray's YuNet
+session has one ONNX Runtime thread; a Ray crop actor has one core).  faceray: ``read_bytes → decode_image → FaceDetector.detect → crop_chips``
 (128 px chips of *all* faces).  autocrop: ``Cropper(width=128, height=128).crop(path)``
 in a loop (its Python API: reads + EXIF-transposes with Pillow, YuNet at full
 resolution, crops the largest face only).  Sets: the WIDER FACE group photos in
