@@ -15,10 +15,10 @@ a job).
 - ``--split``: the same jobs with split crop and embedding pools (``--embed-actors 1``),
   the plan CPU clusters had before the fused actor.
 - face_recognition CLI (dlib HOG + dlib ResNet, ``--cpus 2``) on the same folders.
-- the pipeline on one core (``--crop-actors 1``: one actor) per photo, marginal, next to
-  the sum of its kernels (read, decode, detect, warp, embed) timed alone on 1 thread: the
-  pipeline's overhead.  (One actor, because the machine's two logical CPUs do not make
-  two cores' worth of work: see the scaling benchmark.)
+- the pipeline on one core (a job on its own 1-CPU local Ray: one single-threaded actor)
+  per photo, marginal, next to the sum of its kernels (read, decode, detect, warp, embed)
+  timed alone on 1 thread: the pipeline's overhead.  (One core, because the machine's two
+  logical CPUs do not make two cores' worth of work: see the scaling benchmark.)
 """
 from __future__ import annotations
 
@@ -80,13 +80,14 @@ def kernels(files: list[Path]) -> dict[str, float]:
     return out
 
 
-def faceray_job(folder: Path, out: Path, address: str, *extra: str) -> tuple[float, int, int]:
+def faceray_job(folder: Path, out: Path, *extra: str) -> tuple[float, int, int]:
     """Wall seconds of the job command, photos and faces (from its summary)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env.pop("RAY_ADDRESS", None)  # only the flags say which cluster
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(ROOT / "jobs" / "score_directory.py"), "--input", str(folder),
-                          "--output", str(out), "--ray-address", address, *extra],
+                          "--output", str(out), *extra],
                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
@@ -127,11 +128,13 @@ def main() -> None:
         print("\n| set | photos | faces | faceray job s | photos/s | fixed s | marginal ms/photo | face_recognition s | photos/s | ratio | marginal ratio |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         results = {}
+        folders = {}
         for name, files in sets.items():
             folder = stage(files, tmp / name)
             half = stage(files[: len(files) // 2], tmp / f"{name}-half")
-            t_half, n_half, _ = faceray_job(half, tmp / "o-half", address)
-            t_full, n_full, faces = faceray_job(folder, tmp / "o-full", address)
+            folders[name] = (folder, half)
+            t_half, n_half, _ = faceray_job(half, tmp / "o-half", "--ray-address", address)
+            t_full, n_full, faces = faceray_job(folder, tmp / "o-full", "--ray-address", address)
             marginal = (t_full - t_half) / max(1, n_full - n_half)
             fixed = t_full - marginal * n_full
             fr = ["-"] * 4
@@ -139,17 +142,19 @@ def main() -> None:
                 t_fr = face_recognition_cli(folder, known)
                 fr = [f"{t_fr:.1f}", f"{len(files) / t_fr:.2f}", f"**{t_fr / t_full:.1f}×**",
                       f"{t_fr / len(files) / marginal:.1f}×"]
-            t1_half, _, _ = faceray_job(half, tmp / "o1-half", address, "--crop-actors", "1")
-            t1_full, _, _ = faceray_job(folder, tmp / "o1-full", address, "--crop-actors", "1")
-            results[name] = (files, (t1_full - t1_half) / max(1, n_full - n_half))
             print(f"| {name} | {n_full} | {faces} | {t_full:.1f} | {n_full / t_full:.2f} | {fixed:.1f} | "
                   f"{marginal * 1e3:.1f} | " + " | ".join(fr) + " |", flush=True)
             if args.split:
-                ts_half, _, _ = faceray_job(half, tmp / "os-half", address, "--embed-actors", "1")
-                ts_full, _, _ = faceray_job(folder, tmp / "os-full", address, "--embed-actors", "1")
+                ts_half, _, _ = faceray_job(half, tmp / "os-half", "--ray-address", address, "--embed-actors", "1")
+                ts_full, _, _ = faceray_job(folder, tmp / "os-full", "--ray-address", address, "--embed-actors", "1")
                 m = (ts_full - ts_half) / max(1, n_full - n_half)
                 print(f"| {name}, split pools | {n_full} | {faces} | {ts_full:.1f} | {n_full / ts_full:.2f} | "
                       f"{ts_full - m * n_full:.1f} | {m * 1e3:.1f} | | | | |", flush=True)
+        ray.shutdown()
+        for name, (folder, half) in folders.items():  # one core: each job starts a 1-CPU Ray
+            t1_half, n_half, _ = faceray_job(half, tmp / "o1-half", "--num-cpus", "1")
+            t1_full, n_full, _ = faceray_job(folder, tmp / "o1-full", "--num-cpus", "1")
+            results[name] = (sets[name], (t1_full - t1_half) / max(1, n_full - n_half))
         print("\nper-photo cost on one core: the pipeline (one actor, marginal ms/photo) vs the sum of its kernels alone (1 thread)")
         print("| set | read | decode | detect | warp | embed | kernel sum ms | pipeline ms | overhead |")
         print("|---|---|---|---|---|---|---|---|---|")
