@@ -29,10 +29,9 @@ def _dynamic_model(path: str) -> bytes:
     import onnx
 
     model = onnx.load(path)
-    for value, names in ((model.graph.input[0], ("n", None, "h", "w")),):
-        for dim, name in zip(value.type.tensor_type.shape.dim, names):
-            if name:
-                dim.dim_param = name
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, ("n", None, "h", "w")):
+        if name:
+            dim.dim_param = name
     for out in model.graph.output:  # their declared sizes follow the input: drop them
         out.type.tensor_type.ClearField("shape")
     return model.SerializeToString()
@@ -69,8 +68,7 @@ class YuNet:
         blob = np.zeros((1, 3, ph, pw), np.float32)
         blob[0, :, :h, :w] = bgr.transpose(2, 0, 1)
         outs = dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), {self.input_name: blob})))
-        faces = [self._decode(outs, s, pw // s) for s in STRIDES]
-        faces = np.concatenate(faces) if faces else np.zeros((0, 15), np.float32)
+        faces = np.concatenate([self._decode(outs, s, pw // s) for s in STRIDES])
         if len(faces) <= 1:
             return faces
         boxes = faces[:, :4].astype(np.int32).tolist()  # OpenCV casts to Rect2i: truncation
