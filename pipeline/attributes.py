@@ -432,6 +432,7 @@ class AttributeNets:
         self.nets = {k: m.to(self.device, memory_format=torch.channels_last).eval() for k, m in nets.items()}
         self._age_bins = torch.from_numpy(AGE_BINS).to(self.device)
         self._fer_order = torch.tensor(FER_TO_FACERAY, device=self.device)
+        self._labels = {"gender": GENDER_LABELS, "emotion": EMOTION_LABELS}
 
     def __call__(self, chips: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return self.run(chips).predictions
@@ -446,10 +447,12 @@ class AttributeNets:
         if chips.dtype != np.uint8 or chips.ndim != 4 or chips.shape[1:] != (size, size, 3):
             raise ValueError(f"chips must be uint8 N×{size}×{size}×3 RGB, got {chips.dtype} {chips.shape}")
         parts = [self._batch(chips[i:i + self.batch_size]) for i in range(0, len(chips), self.batch_size)]
-        if not parts:
-            parts = [self._batch(chips)]
-        probs = {k: np.concatenate([p[0][k] for p in parts]) for k in self.nets}
-        feats = {k: np.concatenate([p[1][k] for p in parts]) for k in self.nets}
+        dims = {k: (net.fc.out_features if k == "age" else len(self._labels[k]), net.feature_dim)
+                for k, net in self.nets.items()}
+        probs = {k: np.concatenate([p[0][k] for p in parts]) if parts else np.zeros((0, d[0]), np.float32)
+                 for k, d in dims.items()}
+        feats = {k: np.concatenate([p[1][k] for p in parts]) if parts else np.zeros((0, d[1]), np.float32)
+                 for k, d in dims.items()}
         return AttributeOutput(self._predict(probs), probs, feats)
 
     @torch.inference_mode()
