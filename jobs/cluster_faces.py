@@ -1,0 +1,54 @@
+"""Group every face of a prediction table into people, with no labels: a kNN graph over
+the embeddings (faiss, Ray tasks), cut at a threshold from the backbone's own
+verification statistics, clustered by Infomap per connected component (Ray tasks).
+
+    python jobs/cluster_faces.py --table s3://bucket/predictions --output s3://bucket/people
+    python jobs/cluster_faces.py --table … --output … --resume   # new faces join existing people
+    ray job submit --working-dir . -- python jobs/cluster_faces.py --table … --output …
+
+Output: a Parquet table (image_uri, face_index, person, person_size, similarity) plus
+_people.json and _people.html (contact sheet of the largest people) under --output.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
+
+from jobs.cli import positive_int, run_job  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cluster_faces.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, help="prediction table (folder or s3:// prefix) from score_directory.py")
+    p.add_argument("--output", required=True, help="folder or s3://bucket/prefix for the people table")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the people already in --output: new faces join them (ids stay) or found new ones")
+    p.add_argument("--sheet-people", type=positive_int, default=40, help="people on the contact sheet (default 40)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_job("cluster_faces", lambda: _cluster(args))
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from pipeline.people import cluster_table, read_faces
+    from pipeline.runtime import init_ray
+
+    read_faces(args.table)  # a table without faces or embeddings fails before Ray starts
+    init_ray(args.ray_address, args.num_cpus)
+    summary = cluster_table(args.table, args.output, resume=args.resume, sheet_people=args.sheet_people,
+                            log=lambda m: print(m, flush=True))
+    print("\n".join(["", "== faceray cluster_faces summary", *summary.lines()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
