@@ -1,0 +1,146 @@
+"""cluster_faces.py on real photos: people match the true identities, ids survive --resume,
+misuse exits 2.  One table of the identities (+ unknown) photos is scored once, in two
+steps (a first part, then the rest with --resume), and clustered before and after."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import cluster_faces, score_directory
+from pipeline import knn, people
+
+FIRST_PHOTOS = 700   # identities photos in URI order scored before the first clustering
+
+
+@pytest.fixture(scope="module")
+def people_run(ray_cluster, data_dir, tmp_path_factory):
+    """(table, people after the first part, people after --resume with the rest)."""
+    root = tmp_path_factory.mktemp("people")
+    table, out = str(root / "table"), str(root / "people")
+    ids = str(data_dir / "identities")
+    assert score_directory.main(["--input", ids, "--output", table, "--limit", str(FIRST_PHOTOS)]) == 0
+    assert cluster_faces.main(["--table", table, "--output", out]) == 0
+    first = str(root / "people_first")
+    shutil.copytree(out, first)
+    assert score_directory.main(["--input", ids, "--output", table, "--resume"]) == 0
+    assert score_directory.main(["--input", str(data_dir / "unknown"), "--output", table]) == 0
+    assert cluster_faces.main(["--table", table, "--output", out, "--resume"]) == 0
+    return table, first, out
+
+
+def labelled(table: str, people_dir: str) -> pd.DataFrame:
+    """People rows of each photo's main face (the centred one LFW labels) with its folder name."""
+    t = pd.read_parquet(table, columns=["image_uri", "status", "face_index", "bbox", "width", "height"])
+    t = t[t.status == "ok"].copy()
+    b = pd.DataFrame(t.bbox.tolist(), index=t.index)
+    t["d"] = np.hypot(b.x + b.w / 2 - t.width / 2, b.y + b.h / 2 - t.height / 2)
+    main = t.sort_values("d").groupby("image_uri").head(1)[["image_uri", "face_index"]]
+    p = pd.read_parquet(people_dir).merge(main, on=["image_uri", "face_index"])
+    p["truth"] = p.image_uri.str.split("/").str[-2]
+    return p
+
+
+def bcubed(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
+    df = pd.DataFrame({"t": truth, "p": pred})
+    both = df.groupby(["t", "p"]).size().rename("n").reset_index()
+    prec = (both.n ** 2 / both.p.map(df.groupby("p").size())).sum() / len(df)
+    rec = (both.n ** 2 / both.t.map(df.groupby("t").size())).sum() / len(df)
+    return prec, rec, 2 * prec * rec / (prec + rec)
+
+
+def test_people_match_true_identities(people_run, tmp_path):
+    table, _, _ = people_run
+    out = str(tmp_path / "fresh")
+    assert cluster_faces.main(["--table", table, "--output", out]) == 0
+    p = labelled(table, out)
+    prec, rec, f = bcubed(p.truth.to_numpy(), p.person.to_numpy())
+    assert f >= 0.95 and prec >= 0.95, (prec, rec, f)
+    # each of the 42 identities is mostly one person
+    top_share = p.groupby("truth").person.agg(lambda s: s.value_counts().iloc[0] / len(s))
+    assert (top_share[top_share.index.isin(p.truth[p.truth.map(p.truth.value_counts()) >= 20])] >= 0.9).all()
+
+
+def test_output_contract(people_run):
+    table, _, out = people_run
+    df = pd.read_parquet(out)    # side files are skipped by the reader
+    assert list(df.columns) == ["image_uri", "face_index", "person", "person_size", "similarity"]
+    schema = pq.read_schema(next(p for p in __import__("glob").glob(f"{out}/*.parquet")))
+    assert schema.field("face_index").type == pa.int32() and schema.field("person_size").type == pa.int32()
+    assert schema.field("similarity").type == pa.float32()
+    faces = pd.read_parquet(table).query("status == 'ok'")
+    assert len(df) == len(faces) and not df.duplicated(["image_uri", "face_index"]).any()
+    assert (df.person_size == df.groupby("person").person.transform("size")).all()
+    assert df.person.str.fullmatch(r"p\d{6,}").all() and (df.similarity <= 1.0001).all()
+    assert (df.person_size == 1).any()                 # lone background faces are people of one
+    meta = json.loads(open(f"{out}/_people.json").read())
+    assert meta["source_table"] == table and meta["threshold"] == people.THRESHOLD and meta["faces"] == len(df)
+    sheet = open(f"{out}/_people.html").read()
+    assert sheet.count("data:image/jpeg;base64,") >= 40 and "p000001" in sheet
+
+
+def test_resume_keeps_ids(people_run):
+    _, first, out = people_run
+    before = pd.read_parquet(first)
+    after = pd.read_parquet(out)
+    both = before.merge(after, on=["image_uri", "face_index"], suffixes=("_before", "_after"))
+    assert len(both) == len(before)
+    assert (both.person_before == both.person_after).all()
+    new = after.merge(before[["image_uri", "face_index"]], how="left", indicator=True).query("_merge == 'left_only'")
+    meta = json.loads(open(f"{out}/_people.json").read())
+    assert meta["resumed"] and meta["joined"] > 0 and meta["new_people"] > 0
+    # the new photos of people seen in the first part joined their existing person
+    seen = set(before.image_uri.str.split("/").str[-2])
+    new_known = new[new.image_uri.str.split("/").str[-2].isin(seen) & ~new.image_uri.str.contains("/unknown/")]
+    assert new_known.person.isin(set(before.person)).mean() >= 0.9
+
+
+def test_face_index_and_people_list(people_run):
+    table, _, out = people_run
+    index = people.FaceIndex.from_uris(table, out)
+    faces = people.read_faces(table)
+    hits = index.search(faces.embedding[:3], k=5)
+    assert len(hits) == 3 and all(len(h) == 5 for h in hits)
+    uri, idx, sim, person = hits[0][0]
+    assert uri == faces.image_uri[0].as_py() and idx == faces.face_index[0] and sim > 0.999
+    assert person is not None and person.startswith("p")
+    listed = people.list_people(out, limit=5, offset=0)
+    sizes = [p["size"] for p in listed]
+    assert sizes == sorted(sizes, reverse=True) and listed[0]["person"] == "p000001"
+    assert people.list_people(out, limit=2, offset=1) == listed[1:3]
+
+
+def test_missing_embeddings_and_empty_table(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    pq.write_table(pa.table({"image_uri": ["a.jpg"], "status": ["ok"], "face_index": pa.array([0], pa.int32())}),
+                   bare / "part-0.parquet")
+    assert cluster_faces.main(["--table", str(bare), "--output", str(tmp_path / "o")]) == 2
+    assert "no column embedding" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"image_uri": ["a.jpg"], "status": ["no_face"], "face_index": pa.array([None], pa.int32()),
+                             "embedding": pa.array([None], pa.list_(pa.float32(), 128))}), empty / "part-0.parquet")
+    assert cluster_faces.main(["--table", str(empty), "--output", str(tmp_path / "o")]) == 2
+    assert "no faces" in capsys.readouterr().err
+    assert cluster_faces.main(["--table", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_sharded_knn_equals_one_index():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    s1, i1, _ = knn.knn_graph(x, 8)
+    s2, i2, _ = knn.knn_graph(x, 8, query_rows=700, db_rows=1100)
+    assert (i1 == i2).mean() > 0.999 and np.allclose(s1, s2, atol=1e-5)
+    assert (i1[:, 0] == np.arange(len(x))).all()
+
+
+def test_threshold_from_verification_statistics():
+    assert people.THRESHOLD == pytest.approx(0.939, abs=1e-3)
+    assert people.odds_threshold(1.0) == pytest.approx(0.905, abs=2e-3)   # ≈ dlib's 0.6 at raw norm 1.43
