@@ -1,0 +1,278 @@
+"""People (cluster_faces) accuracy, search and scale, with peers' rules side by side.
+
+    python benchmarks/people.py [--quick] [--tables DIR DIR] [--scale 100000 1000000]
+
+1. Accuracy on ../shared/data/identities + unknown (scored by score_directory.py unless
+   --tables are given), no labels used to cluster: BCubed precision/recall/F over each
+   photo's main face (the centred one LFW labels), people found vs true people, for
+   faceray's rule, Chinese Whispers at dlib's 0.6 rule, and an immich-like DBSCAN rule.
+2. Search: precision@5 of held-out photos of known people against the faiss index.
+3. Scale: 10^5 / 10^6 synthetic faces drawn to match the measured same/different cosine
+   distributions, clustered on a local Ray (wall, peak RSS), and search latency.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipeline import knn, people  # noqa: E402
+
+DLIB_RAW_NORM = 1.433                                   # measured mean norm of raw descriptors
+DLIB_COS = round(1 - 0.6 ** 2 / (2 * DLIB_RAW_NORM ** 2), 3)  # dlib's 0.6 Euclidean ⇔ cos 0.912
+
+
+def bcubed(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
+    df = pd.DataFrame({"t": truth, "p": pred})
+    both = df.groupby(["t", "p"]).size().rename("n").reset_index()
+    prec = (both.n ** 2 / both.p.map(df.groupby("p").size())).sum() / len(df)
+    rec = (both.n ** 2 / both.t.map(df.groupby("t").size())).sum() / len(df)
+    return prec, rec, 2 * prec * rec / (prec + rec)
+
+
+def edges_at(x: np.ndarray, th: float, k: int = people.K):
+    s, i, _ = knn.knn_graph(x, k + 1)
+    return people.graph_edges(s, i, th)
+
+
+def chinese_whispers(n: int, a, b, w, rounds: int = 50, seed: int = 0) -> np.ndarray:
+    """dlib's chinese_whispers: each face takes the label of largest summed edge weight
+    among its neighbours; vectorised, a random half of the faces updates per round."""
+    r, c, ww = np.r_[a, b], np.r_[b, a], np.r_[w, w].astype(np.float64)
+    lab, rng = np.arange(n), np.random.default_rng(seed)
+    for _ in range(rounds):
+        key = r * n + lab[c]
+        u, inv = np.unique(key, return_inverse=True)
+        tot = np.bincount(inv, weights=ww)
+        ur, ul = u // n, u % n
+        o = np.lexsort((-tot, ur))
+        first = np.r_[True, ur[o][1:] != ur[o][:-1]]
+        best = np.full(n, -1)
+        best[ur[o][first]] = ul[o][first]
+        upd = (best >= 0) & (rng.random(n) < 0.5)
+        lab = np.where(upd, best, lab)
+    return np.unique(lab, return_inverse=True)[1]
+
+
+def dbscan_like(n: int, a, b, w, min_faces: int = 3) -> np.ndarray:
+    """immich-like: a core face has ≥ min_faces neighbours within the threshold; cores
+    linked by an edge are one person; other faces join their most similar core
+    neighbour, else stay alone."""
+    deg = np.bincount(np.r_[a, b], minlength=n)
+    core = deg >= min_faces
+    cc = core[a] & core[b]
+    lab = people.components(n, a[cc], b[cc])
+    r, c, ww = np.r_[a, b], np.r_[b, a], np.r_[w, w]
+    m = ~core[r] & core[c]
+    o = np.lexsort((-ww[m], r[m]))
+    rr, cc2 = r[m][o], c[m][o]
+    first = np.r_[True, rr[1:] != rr[:-1]] if len(rr) else np.zeros(0, bool)
+    lab = lab.copy()
+    lab[rr[first]] = lab[cc2[first]]
+    return np.unique(lab, return_inverse=True)[1]
+
+
+def score_tables(work: Path) -> list[str]:
+    out = []
+    for name in ("identities", "unknown"):
+        dst = work / f"{name}_table"
+        if not dst.exists():
+            subprocess.run([sys.executable, str(ROOT / "jobs/score_directory.py"), "--input",
+                            str(ROOT.parent / "shared/data" / name), "--output", str(dst), "--num-cpus", "2"],
+                           check=True, stdout=subprocess.DEVNULL)
+        out.append(str(dst))
+    return out
+
+
+def load(tables: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    frames = []
+    for t in tables:
+        df = pd.read_parquet(t, columns=["image_uri", "status", "face_index", "bbox", "width", "height", "embedding"])
+        frames.append(df[df.status == "ok"])
+    df = pd.concat(frames, ignore_index=True)
+    b = pd.DataFrame(df.bbox.tolist(), index=df.index)
+    df["d"] = np.hypot(b.x + b.w / 2 - df.width / 2, b.y + b.h / 2 - df.height / 2)
+    main = df.sort_values("d").groupby("image_uri").head(1).index
+    df["truth"] = None
+    df.loc[main, "truth"] = df.loc[main, "image_uri"].str.split("/").str[-2]
+    return np.stack(df.embedding.to_numpy()).astype(np.float32), df
+
+
+def accuracy(x: np.ndarray, df: pd.DataFrame) -> None:
+    m = df.truth.notna().to_numpy()
+    truth = df.truth.to_numpy()[m]
+    print(f"\n## accuracy: {len(x)} faces, {m.sum()} labelled main faces of {len(set(truth))} true people "
+          f"(42 identities + 40 unknown)")
+    print(f"{'rule':<58}{'precision':>10}{'recall':>8}{'F':>8}{'people':>8}{'s':>6}")
+    rows = [("faceray: kNN k=30, cos ≥ %.3f (100:1), Infomap/component" % people.THRESHOLD,
+             lambda: people.cluster(x))]
+    for th, why in ((DLIB_COS, "dlib 0.6 rule"), (people.THRESHOLD, "faceray threshold")):
+        rows.append((f"Chinese Whispers, cos ≥ {th} ({why})", lambda th=th: chinese_whispers(len(x), *edges_at(x, th))))
+        rows.append((f"immich-like DBSCAN, ≥3 neighbours, cos ≥ {th} ({why})",
+                     lambda th=th: dbscan_like(len(x), *edges_at(x, th))))
+    for name, fn in rows:
+        t0 = time.monotonic()
+        lab = fn()
+        p, r, f = bcubed(truth, lab[m])
+        print(f"{name:<58}{p:>10.4f}{r:>8.4f}{f:>8.4f}{len(set(lab[m])):>8}{time.monotonic() - t0:>6.1f}")
+
+
+def search(x: np.ndarray, df: pd.DataFrame) -> None:
+    """Hold out 20 % of each identity's photos; their main faces query the rest."""
+    ident = df.truth.notna() & ~df.image_uri.str.contains("/unknown/")
+    rng = np.random.default_rng(0)
+    held = ident & (rng.random(len(df)) < 0.2)
+    photos_held = set(df.image_uri[held])
+    base = ~df.image_uri.isin(photos_held).to_numpy()
+    index = knn.build_index(x[base])
+    s, i = index.search(x[held.to_numpy()], 5)
+    base_truth = df.truth.to_numpy()[base]
+    hit = base_truth[i] == df.truth.to_numpy()[held.to_numpy()][:, None]
+    print(f"\n## search: {held.sum()} held-out photos of known people vs {base.sum()} faces: "
+          f"precision@5 {hit.mean():.4f}, top-1 {hit[:, 0].mean():.4f}")
+
+
+def synthesise(x_real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n unit faces of Zipf-sized people: centres from the real embeddings' distribution,
+    faces = centre + noise, both scales fitted so that same-person and different-person
+    cosines match the measured LFW means (0.949 / 0.833)."""
+    rng = np.random.default_rng(seed)
+    mu = x_real.mean(0)
+    cov_l = np.linalg.cholesky(np.cov(x_real.T) + 1e-6 * np.eye(128)).astype(np.float32)
+
+    def draw(m, sb, sw, sizes):
+        c = mu + sb * (rng.standard_normal((m, 128)).astype(np.float32) @ cov_l.T)
+        lab = np.repeat(np.arange(m), sizes)
+        f = c[lab] + sw * (rng.standard_normal((len(lab), 128)).astype(np.float32) @ cov_l.T)
+        return f / np.linalg.norm(f, axis=1, keepdims=True), lab
+
+    def stats(sb, sw, m=600):
+        f, _ = draw(m, sb, sw, np.full(m, 2))
+        same, diff = (f[0::2] * f[1::2]).sum(1), (f[0::2] * np.roll(f[1::2], 1, 0)).sum(1)
+        return same, diff
+
+    def bisect(fn, target, lo=-8.0, hi=4.0):   # fn(log scale) decreases with the scale
+        for _ in range(18):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fn(mid) > target else (lo, mid)
+        return np.exp((lo + hi) / 2)
+
+    def sb_for(sw):
+        return bisect(lambda lb: stats(np.exp(lb), sw)[1].mean(), people.DIFF_COS[0])
+
+    sw = bisect(lambda lw: stats(sb_for(np.exp(lw)), np.exp(lw))[0].mean(), people.SAME_COS[0])
+    sb = sb_for(sw)
+    same, diff = stats(sb, sw, 4000)
+    sizes = np.minimum(rng.zipf(1.8, size=n), 5000)
+    sizes = sizes[np.cumsum(sizes) <= n]
+    sizes = np.r_[sizes, np.ones(n - sizes.sum(), int)]
+    f, lab = draw(len(sizes), sb, sw, sizes)
+    print(f"synthetic: {n} faces, {len(sizes)} people (sizes Zipf 1.8, ≤ 5000); cos same {same.mean():.3f} ± "
+          f"{same.std():.3f}, different {diff.mean():.3f} ± {diff.std():.3f} (LFW pairs: {people.SAME_COS}, "
+          f"{people.DIFF_COS}); P(different ≥ {people.THRESHOLD}) = {(diff >= people.THRESHOLD).mean():.4f}")
+    return f.astype(np.float32), lab
+
+
+class PeakRss:
+    """Peak RSS of this process and its descendants (the local Ray), sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        import psutil
+        self.proc, self.peak, self.stop = psutil.Process(), 0, False
+
+    def _rss(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    def __enter__(self):
+        def run():
+            while not self.stop:
+                self.peak = max(self.peak, self._rss())
+                time.sleep(0.2)
+        self.base = self._rss()
+        self.t = threading.Thread(target=run, daemon=True)
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.t.join()
+
+
+def scale(x_real: np.ndarray, sizes: list[int]) -> None:
+    import ray
+    from pipeline.runtime import init_ray
+
+    init_ray(None, 2)
+    print(f"\n## scale (local Ray, 2 CPUs)")
+    for n in sizes:
+        x, lab = synthesise(x_real, n)
+        with PeakRss() as mem:
+            t0 = time.monotonic()
+            pred = people.cluster(x, log=print)
+            wall = time.monotonic() - t0
+        sub = np.random.default_rng(1).choice(n, size=min(n, 200_000), replace=False)
+        p, r, f = bcubed(lab[sub], pred[sub])
+        print(f"N={n}: wall {wall:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB (driver + Ray workers; "
+              f"{mem.base / 2**30:.2f} GiB before), people {pred.max() + 1} vs {lab.max() + 1} true, "
+              f"BCubed P {p:.4f} R {r:.4f} F {f:.4f}")
+        if n == max(sizes):
+            t0 = time.monotonic()
+            index = knn.build_index(x)
+            build = time.monotonic() - t0
+            import faiss
+            faiss.omp_set_num_threads(1)
+            q = x[np.random.default_rng(2).choice(n, 1000)]
+            lat = []
+            for row in q:
+                t1 = time.perf_counter()
+                index.search(row[None], 10)
+                lat.append(time.perf_counter() - t1)
+            lat = np.array(lat) * 1000
+            print(f"search on {n} faces ({type(index).__name__}, build {build:.1f} s, 1 thread, k=10): "
+                  f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
+    ray.shutdown()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="scale at 10^5 only")
+    ap.add_argument("--tables", nargs="+", help="scored identities (+ unknown) tables (default: score them now)")
+    ap.add_argument("--scale", nargs="*", type=int, help="synthetic sizes (default 10^5 10^6)")
+    args = ap.parse_args()
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
+    tables = args.tables or score_tables(Path(tempfile.gettempdir()) / "faceray_people_bench")
+    x, df = load(tables)
+    accuracy(x, df)
+    search(x, df)
+    sizes = args.scale if args.scale is not None else ([100_000] if args.quick else [100_000, 1_000_000])
+    if sizes:
+        scale(x, sizes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
