@@ -240,9 +240,9 @@ class CydralGenderNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.convs
-        x = F.avg_pool2d(F.relu(c[1](F.relu(c[0](x)))), 2)
-        x = F.avg_pool2d(F.relu(c[3](F.relu(c[2](x)))), 2)
-        feat = F.relu(self.fc1(x.flatten(1)))
+        x = F.avg_pool2d(F.relu(c[1](F.relu(c[0](x), True)), True), 2)
+        x = F.avg_pool2d(F.relu(c[3](F.relu(c[2](x), True)), True), 2)
+        feat = F.relu(self.fc1(x.flatten(1)), True)
         return self.fc2(feat), feat
 
 
@@ -257,13 +257,13 @@ class _Residual(nn.Module):
         self.c2 = _conv(cout, cout, 3, pad=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.c2(F.relu(self.c1(x)))
+        y = self.c2(F.relu(self.c1(x), True))
         if self.down:
             x = F.avg_pool2d(x, 2)
             h, w = max(x.shape[2], y.shape[2]), max(x.shape[3], y.shape[3])
             x = F.pad(x, (0, w - x.shape[3], 0, h - x.shape[2], 0, y.shape[1] - x.shape[1]))
             y = F.pad(y, (0, w - y.shape[3], 0, h - y.shape[2]))
-        return F.relu(x + y)
+        return F.relu(x + y, True)
 
 
 class CydralAgeNet(nn.Module):
@@ -292,18 +292,19 @@ class CydralAgeNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
+        x = F.max_pool2d(F.relu(self.stem(x), True), 3, 2)
         feat = self.blocks(x).mean((2, 3))
         return self.fc(feat), feat
 
 
-def _same_pad(x: torch.Tensor, k: int, s: int, value: float = 0.0) -> torch.Tensor:
-    """TensorFlow 'same' padding (the extra pixel goes after)."""
-    pads = []
-    for size in (x.shape[3], x.shape[2]):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads, value=value) if any(pads) else x
+def _max_pool_same(x: torch.Tensor) -> torch.Tensor:
+    """Keras MaxPooling2D(3, 2, 'same'): TensorFlow pads after (even side: 0 before, 1
+    after = ceil mode) or both sides (odd side: 1 and 1 = padding 1), never copying."""
+    if x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+        return F.max_pool2d(x, 3, 2, ceil_mode=True)
+    if x.shape[-1] % 2 == 1 and x.shape[-2] % 2 == 1:
+        return F.max_pool2d(x, 3, 2, padding=1)
+    raise ValueError(f"max-pool of a non-square map {tuple(x.shape)}")
 
 
 class _XceptionBlock(nn.Module):
@@ -316,8 +317,8 @@ class _XceptionBlock(nn.Module):
         self.skip = _conv(cin, cout, 1, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pw2(self.dw2(F.relu(self.pw1(self.dw1(x)))))
-        y = F.max_pool2d(_same_pad(y, 3, 2, float("-inf")), 3, 2)
+        y = self.pw2(self.dw2(F.relu(self.pw1(self.dw1(x)), True)))
+        y = _max_pool_same(y)
         return y + self.skip(x)
 
 
@@ -363,8 +364,17 @@ class MiniXception(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.blocks(F.relu(self.c2(F.relu(self.c1(x)))))
+        x = self.blocks(F.relu(self.c2(F.relu(self.c1(x), True)), True))
         return self.head(x).mean((2, 3)), x.mean((2, 3))
+
+
+def _flush_denormals(net: nn.Module, below: float = 1e-20) -> None:
+    """Zero the weights under 1e-20: dead weights left by weight decay (age-v1's stem has
+    2,646 of 9,408 near 1e-38; gender-v1's fc1 24,279 of 65,536).  Their products are
+    subnormal floats, which x86 handles in slow microcode: the age stem ran 25× slower."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p[p.abs() < below] = 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,18 +382,25 @@ class MiniXception(nn.Module):
 
 
 _PYR = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+_LUMA = (0.299, 0.587, 0.114)       # ITU-R 601, as cv2.COLOR_RGB2GRAY
 
 
 def pyr_down(x: torch.Tensor) -> torch.Tensor:
-    """Gaussian 5-tap halving (cv2.pyrDown / dlib pyramid_down): output q sits on input 2q."""
+    """Gaussian 5-tap halving (cv2.pyrDown / dlib pyramid_down): output q sits on input 2q.
+    Separable, as two strided 1-D passes."""
     c = x.shape[1]
-    k = (_PYR[:, None] * _PYR[None, :]).to(x)[None, None].expand(c, 1, 5, 5)
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, stride=2, groups=c)
+    k = _PYR.to(x)
+    x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).expand(c, 1, 5, 1),
+                 stride=(2, 1), groups=c)
+    return F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).expand(c, 1, 1, 5),
+                    stride=(1, 2), groups=c)
 
 
 def resample(chips: torch.Tensor, spec: NetInput) -> torch.Tensor:
     """float N×3×S×S chips (0..255) → the network's normalised N×C×size×size input."""
     theta = spec.theta().to(chips.device)
+    if spec.grey:   # grey first: resampling is linear, and one channel is a third of the work
+        chips = (chips * torch.tensor(_LUMA, device=chips.device)[None, :, None, None]).sum(1, keepdim=True)
     for _ in range(spec.pyramid_levels(chips.shape[-1])):
         # output q sits on input 2q: chip point n is the halved image's n + 0.5/W
         theta = theta.clone()
@@ -391,10 +408,8 @@ def resample(chips: torch.Tensor, spec: NetInput) -> torch.Tensor:
         chips = pyr_down(chips)
     grid = F.affine_grid(theta.expand(len(chips), 2, 3), [len(chips), 1, spec.size, spec.size], align_corners=False)
     x = F.grid_sample(chips, grid, mode="bilinear", padding_mode=spec.padding_mode, align_corners=False)
-    if spec.grey:   # ITU-R 601 luma, as cv2.COLOR_RGB2GRAY
-        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device)[None, :, None, None]).sum(1, keepdim=True)
-        return (x - spec.mean[0]) * spec.scale
-    return (x - torch.tensor(spec.mean, device=x.device)[None, :, None, None]) * spec.scale
+    mean = torch.tensor(spec.mean[:x.shape[1]], device=x.device)[None, :, None, None]
+    return (x - mean) * spec.scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,6 +444,8 @@ class AttributeNets:
         nets: dict[str, nn.Module] = {"age": CydralAgeNet().load(paths["age"]),
                                       "gender": CydralGenderNet().load(paths["gender"]),
                                       "emotion": MiniXception().load(paths["emotion"])}
+        for net in nets.values():
+            _flush_denormals(net)
         self.nets = {k: m.to(self.device, memory_format=torch.channels_last).eval() for k, m in nets.items()}
         self._age_bins = torch.from_numpy(AGE_BINS).to(self.device)
         self._fer_order = torch.tensor(FER_TO_FACERAY, device=self.device)
