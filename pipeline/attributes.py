@@ -106,9 +106,10 @@ CYDRAL_GENDER_INPUT = dlib_chip_input(32, 0.2, _CYDRAL_MEAN, 1 / 256)
 # (fer: x/255 − 0.5, ×2).  The crop is FER2013's framing: the mean YuNet landmarks of
 # faceray on the FER2013 photos, (x + 0.5)/48, fitted to DLIB_CHIP's template by scale and
 # shift (benchmarks/attributes.py --fit-fer-crop).  FER frames looser than our chip.
-# Fit over 397 faces: side 1.031, centre (0.507, 0.437), so the crop's top 8 % lies above
-# the chip (forehead), filled by repeating the chip's edge ("border": 52.1 % vs 51.1 % with
-# black on FER2013; the net on the bare 48 px photos gets 53.3 %).
+# Fit over 397 faces: side 1.031, centre (0.507, 0.437), so the crop's top 8 % (5 of 64
+# rows) lies above the chip, filled by repeating the chip's edge.  Black fill instead moves
+# FER2013 accuracy by ±1 face in 397 (52.1 % vs 51.1–52.4 %); the net on the bare 48 px
+# photos gets 54.2 % on the same faces.  So the chip's margin costs nothing measurable.
 FER_INPUT = NetInput(size=64, side=1.031, centre=(0.507, 0.437), grey=True, mean=(127.5, 127.5, 127.5),
                      scale=1 / 127.5, padding_mode="border")
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.attributes import (AGE_BINS, ATTRIBUTE_TASKS, CYDRAL_AGE_INPUT, CYDRAL_GENDER_INPUT,
                                  EMOTION_LABELS, FER_INPUT, GENDER_LABELS, AttributeNets, ModelFileError,
-                                 default_model_path, resample)
+                                 default_model_path, pyr_down, resample)
 from pipeline.faces import FaceDetector, main_face_index
 from pipeline.photos import analyse_photo
 from pipeline.settings import Settings
@@ -108,6 +108,8 @@ def test_resampling_matches_opencv(chips: np.ndarray) -> None:
     # half-pixel shift of the crop would give a mean of several grey levels)
     print(f"resampling vs OpenCV: mean {diff.mean():.3f}, max {diff.max():.2f} grey levels")
     assert diff.mean() < 0.2 and diff.max() < 6.0
+    grey = chips[0, :, :, 1].astype(np.float32)
+    assert np.abs(pyr_down(torch.from_numpy(grey)[None, None])[0, 0].numpy() - cv2.pyrDown(grey)).max() < 1e-3
 
 
 def test_predictions_shapes_ranges_and_batching(nets: AttributeNets, chips: np.ndarray) -> None:
