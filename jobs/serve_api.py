@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
+from jobs.cli import positive_int, run_job  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve_api.py", description=__doc__,
@@ -29,23 +31,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--faces-replicas", type=int, default=1, help="replicas of the decode/detect stage")
     p.add_argument("--token-env", default="FACERAY_API_TOKEN",
                    help="environment variable holding the bearer token (unset: no token)")
+    p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
+    p.add_argument("--det-max-side", type=positive_int, help="detect at this max image side (default 640)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ray import serve
+    return run_job("serve_api", lambda: _serve(args))
 
-    from pipeline.scoring import init_ray
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.runtime import init_ray  # first: loads torch before ray
+    from ray import serve  # noqa: I001
+
+    from pipeline.settings import Settings
     from serve.app import APP_NAME, build_app
 
+    # the job's flags reach every replica: one Settings, made here, passed to build_app
+    settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
+                                 api_token=os.environ.get(args.token_env) or None)
     init_ray(args.ray_address, args.num_cpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "table": args.table, "table_embeddings": args.table_embeddings,
-                     "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
-                     "token": os.environ.get(args.token_env) or None, "faces_replicas": args.faces_replicas})
+                     "max_body_bytes": int(args.max_body_mb * 1024 * 1024), "settings": settings,
+                     "faces_replicas": args.faces_replicas})
     serve.run(app, name=APP_NAME, route_prefix="/")
     print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz)", flush=True)
     stop = threading.Event()

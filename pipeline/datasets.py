@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.heads import CLASSIFICATION, REGRESSION
+from pipeline.contract import CLASSIFICATION, REGRESSION, UsageError
 
 LAYOUTS = ("folders", "csv", "utk")
 UTK_GENDERS = ("male", "female")
@@ -54,7 +54,7 @@ class LabelledSet:
 def read_labelled(uri: str, layout: str = "folders", task: str | None = None) -> LabelledSet:
     """Read a labelled set; ``task`` names the folders task, or selects csv/utk tasks (comma list)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+        raise UsageError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     reader = {"folders": _folders, "csv": _csv, "utk": _utk}[layout]
     ls = reader(uri, task)
     if layout != "folders" and task:
@@ -62,11 +62,11 @@ def read_labelled(uri: str, layout: str = "folders", task: str | None = None) ->
         names = [n for n, _ in ls.tasks]
         missing = [t for t in wanted if t not in names]
         if missing:
-            raise ValueError(f"--task {','.join(missing)} not in {uri} (tasks there: {', '.join(names)})")
+            raise UsageError(f"--task {','.join(missing)} not in {uri} (tasks there: {', '.join(names)})")
         ls.tasks = [t for t in ls.tasks if t[0] in wanted]
         ls.table = ls.table.select(["image_uri", "size", *wanted])
     if ls.table.num_rows == 0:
-        raise ValueError(f"no labelled images found in {uri} (layout {layout})")
+        raise UsageError(f"no labelled images found in {uri} (layout {layout})")
     return ls
 
 
@@ -104,16 +104,16 @@ def _csv(uri: str, task: str | None) -> LabelledSet:
         with fs.open_input_stream(index) as f:
             data = f.read()
     except (FileNotFoundError, OSError) as exc:
-        raise FileNotFoundError(f"csv layout needs {uri.rstrip('/')}/index.csv: {exc}") from None
+        raise UsageError(f"csv layout needs {uri.rstrip('/')}/index.csv: {exc}") from None
     # Everything as text first: numeric detection is ours (empty cells → null either way).
     header = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(block_size=1 << 20)).column_names
     raw = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
         column_types={c: pa.string() for c in header}, strings_can_be_null=True))
     if "path" not in raw.column_names:
-        raise ValueError(f"{uri}/index.csv has no 'path' column (columns: {', '.join(raw.column_names)})")
+        raise UsageError(f"{uri}/index.csv has no 'path' column (columns: {', '.join(raw.column_names)})")
     task_cols = [c for c in raw.column_names if c != "path"]
     if not task_cols:
-        raise ValueError(f"{uri}/index.csv has no label columns besides 'path'")
+        raise UsageError(f"{uri}/index.csv has no label columns besides 'path'")
     base = _listing_root(uri).rstrip("/")
     paths = raw.column("path").to_pylist()
     ok = [i for i, p in enumerate(paths) if p and p.strip()]

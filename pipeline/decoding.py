@@ -37,14 +37,21 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.settings import get_settings
+from pipeline.contract import DECODE_ERROR, DEFAULT_MAX_PIXELS, PILLOW_FORMATS, TOO_LARGE
 
-#: Default pixel limit (photo pixels, after nothing is decoded) — the settings' ``max_pixels``.
-DEFAULT_MAX_PIXELS: int = get_settings().max_pixels
+#: Formats we open (Pillow opener names from the contract's one list; multi-picture JPEGs
+#: report "MPO").  Anything else is ``decode_error`` ("unsupported").  HEIC/HEIF is read
+#: by pillow-heif's opener (registered below); AVIF by Pillow's own plugin.
+FORMATS: tuple[str, ...] = (*PILLOW_FORMATS, "PPM")
 
-#: Formats we open (Pillow opener names; multi-picture JPEGs open as JPEG and report
-#: format "MPO").  Anything else is ``decode_error`` ("unsupported").
-FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF")
+
+def _register_heif() -> None:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+_register_heif()
 
 _EXIF_ORIENTATION = 0x0112
 _REDUCED_FLAGS = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
@@ -92,19 +99,19 @@ def decode_image(data: bytes, max_pixels: int | None = None,
     """
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if not data:
-        raise ImageError("decode_error", "empty file")
+        raise ImageError(DECODE_ERROR, "empty file")
     try:
         return _decode(data, limit, min_long_side)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError("too_large", str(exc)) from None
+        raise ImageError(TOO_LARGE, str(exc)) from None
     except UnidentifiedImageError:
-        raise ImageError("decode_error", "not an image or an unsupported format") from None
+        raise ImageError(DECODE_ERROR, "not an image or an unsupported format") from None
     except MemoryError:
-        raise ImageError("too_large", "out of memory while decoding") from None
+        raise ImageError(TOO_LARGE, "out of memory while decoding") from None
     except Exception as exc:  # noqa: BLE001 — malformed files raise all kinds of errors
-        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+        raise ImageError(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
 
 
 def _decode(data: bytes, limit: int, min_long_side: int | None) -> DecodedImage:
@@ -112,9 +119,9 @@ def _decode(data: bytes, limit: int, min_long_side: int | None) -> DecodedImage:
     im = Image.open(io.BytesIO(data), formats=FORMATS)  # header only
     w, h = im.size
     if w <= 0 or h <= 0:
-        raise ImageError("decode_error", f"invalid image size {w}x{h}")
+        raise ImageError(DECODE_ERROR, f"invalid image size {w}x{h}")
     if w * h > limit:
-        raise ImageError("too_large", f"{w}x{h} = {w * h} pixels, limit {limit}")
+        raise ImageError(TOO_LARGE, f"{w}x{h} = {w * h} pixels, limit {limit}")
     orientation = _orientation(im)
     factor = jpeg_reduction(max(w, h), min_long_side) if im.format in ("JPEG", "MPO") else 1
 
@@ -122,7 +129,7 @@ def _decode(data: bytes, limit: int, min_long_side: int | None) -> DecodedImage:
         flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
         rgb = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if rgb is None:
-            raise ImageError("decode_error", "corrupt or truncated JPEG")
+            raise ImageError(DECODE_ERROR, "corrupt or truncated JPEG")
     else:
         if factor > 1:  # CMYK JPEG: Pillow's draft does the same DCT reduction
             im.draft(None, (-(-w // factor), -(-h // factor)))
@@ -142,7 +149,7 @@ def _check_png_header(data: bytes, limit: int) -> None:
     if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
         w, h = struct.unpack(">II", data[16:24])
         if w * h > limit:
-            raise ImageError("too_large", f"{w}x{h} = {w * h} pixels, limit {limit}")
+            raise ImageError(TOO_LARGE, f"{w}x{h} = {w * h} pixels, limit {limit}")
 
 
 def _orientation(im: Image.Image) -> int:

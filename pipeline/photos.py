@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.contract import NO_FACE, OK, TOO_LARGE
 from pipeline.decoding import ImageError, decode_image
-from pipeline.faces import Face, FaceDetector, crop_chips
+from pipeline.faces import Face, FaceDetector, crop_chips, main_face_index
 from pipeline.geometry import DLIB_CHIP, ChipGeometry
 
 
@@ -22,16 +23,18 @@ class PhotoFaces:
     height: int | None = None
     faces: list[Face] = field(default_factory=list)
     chips: np.ndarray = field(default_factory=lambda: np.zeros((0, 128, 128, 3), np.uint8))
+    main: int | None = None          # the face the photo is "of" (training labels, thumbnails)
 
 
 def analyse_photo(data: bytes, detector: FaceDetector, max_pixels: int,
                   max_bytes: int | None = None, geometry: ChipGeometry = DLIB_CHIP) -> PhotoFaces:
     if max_bytes is not None and len(data) > max_bytes:
-        return PhotoFaces("too_large", f"file is {len(data)} bytes, limit {max_bytes}")
+        return PhotoFaces(TOO_LARGE, f"file is {len(data)} bytes, limit {max_bytes}")
     try:
         img = decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
         return PhotoFaces(exc.status, exc.message)
     faces = detector.detect(img)
     chips = crop_chips(img, faces, geometry)
-    return PhotoFaces("ok" if faces else "no_face", None, img.width, img.height, faces, chips)
+    return PhotoFaces(OK if faces else NO_FACE, None, img.width, img.height, faces, chips,
+                      main_face_index(faces, img.width, img.height))

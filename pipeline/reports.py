@@ -4,8 +4,8 @@ embedded as base64 so the report can be copied or served from S3 as one object).
 Per classification task: confusion matrix, per-class precision/recall/F1, class
 distribution true vs predicted, open-set rejection, and the most confident mistakes as
 face thumbnails.  Per regression task: predicted vs true and the error histogram.  The
-thumbnails are re-cropped from the few photos concerned with the scoring job's own
-``CropStage`` (called directly), so the report needs no stored chips.
+thumbnails are the main-face chips of the few photos concerned, cut again by the shared
+CPU stage (``pipeline.photos.analyse_photo``), so the report needs no stored chips.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from pipeline import storage
-from pipeline.heads import CLASSIFICATION
+from pipeline.contract import CLASSIFICATION, UNKNOWN
+from pipeline.training.outcome import ClassificationResult, RegressionResult
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
-    from pipeline.training import TrainOutcome
+    from pipeline.training.outcome import TrainOutcome
 
 
 def per_class_prf(true: np.ndarray, pred: np.ndarray, n: int) -> dict[str, np.ndarray]:
@@ -64,11 +65,11 @@ def _plt():
     return plt
 
 
-def _classification_section(name: str, labels: list[str], d: dict, train_y: np.ndarray,
+def _classification_section(name: str, labels: list[str], d: ClassificationResult, train_y: np.ndarray,
                             thumbs: dict[str, str], spec) -> str:
     plt = _plt()
     n = len(labels)
-    true, pred = d["true"], d["pred"]
+    true, pred = d.true, d.pred
     cm = confusion(true, pred, n)
     prf = per_class_prf(true, pred, n)
     side = max(4.0, min(16.0, 0.28 * n + 2))
@@ -108,12 +109,12 @@ def _classification_section(name: str, labels: list[str], d: dict, train_y: np.n
                    f"<td>{prf['precision'][i]:.3f}</td><td>{prf['recall'][i]:.3f}</td><td>{prf['f1'][i]:.3f}</td></tr>"
                    for i in range(n))
     # most confident mistakes
-    prob = d["prob"]
+    prob = d.prob
     wrong = np.flatnonzero(pred != true)
     wrong = wrong[np.argsort(-prob[wrong, pred[wrong]])][:8]
     cells = []
     for i in wrong:
-        uri = d["uris"][i]
+        uri = d.uris[i]
         img = f'<img src="data:image/png;base64,{thumbs[uri]}" width="96">' if uri in thumbs else "(no thumbnail)"
         cells.append(f"<figure>{img}<figcaption>true <b>{html.escape(labels[true[i]])}</b><br>predicted "
                      f"<b>{html.escape(labels[pred[i]])}</b> p={prob[i, pred[i]]:.2f}<br>"
@@ -121,7 +122,7 @@ def _classification_section(name: str, labels: list[str], d: dict, train_y: np.n
     mistakes = "".join(cells) or "<p>no mistakes on the test split.</p>"
     open_set = ""
     if spec.open_set:
-        rejected = float((d["label"] == "unknown").mean()) if len(d["label"]) else 0.0
+        rejected = float((d.label == UNKNOWN).mean()) if len(d.label) else 0.0
         open_set = (f"<p>open set: a face is <code>unknown</code> when its best probability is below "
                     f"{spec.min_prob:.3f} or its cosine distance to that class centroid is above "
                     f"{spec.max_dist:.3f}; known test faces rejected: {rejected:.1%}.</p>")
@@ -132,9 +133,9 @@ def _classification_section(name: str, labels: list[str], d: dict, train_y: np.n
             f"<h3>most confident mistakes</h3><div class=thumbs>{mistakes}</div>")
 
 
-def _regression_section(name: str, d: dict, spec) -> str:
+def _regression_section(name: str, d: RegressionResult, spec) -> str:
     plt = _plt()
-    true, pred = d["true"], d["pred"]
+    true, pred = d.true, d.pred
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].scatter(true, pred, s=8, alpha=0.6)
     lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
@@ -163,50 +164,43 @@ def _curves(history: list[dict]) -> str:
 
 
 def thumbnails(uris: list[str], data_uri: str, settings: "Settings", size: int = 96) -> dict[str, str]:
-    """Main-face chips of a few photos as base64 PNG, cropped by the scoring job's CropStage."""
+    """Main-face chips of a few photos as base64 PNG, cut by the shared CPU stage."""
     import cv2
-    import pyarrow as pa
 
-    from pipeline import table
-    from pipeline.stages import CropStage
-    from pipeline.training import main_faces
+    from pipeline.faces import FaceDetector
+    from pipeline.photos import analyse_photo
 
     if not uris:
         return {}
-    stage = CropStage(storage.resolve(data_uri)[0], settings, io_threads=4)
-    photos = stage(pa.table({"image_uri": pa.array(list(dict.fromkeys(uris)), pa.string())}))
-    counts = photos.column("face_count").to_numpy(zero_copy_only=False)
-    chip_size = 128
-    chips = table.photo_chips(photos, chip_size)
-    rows = table.face_rows(photos, np.zeros((len(chips), 128), np.float32))
-    main = main_faces(rows)
-    mains = dict(zip(main.column("image_uri").to_pylist(), main.column("main_face").to_pylist()))
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    fs = storage.resolve(data_uri)[0]
+    detector = FaceDetector.from_settings(settings)
     out = {}
-    for u, s, c in zip(photos.column("image_uri").to_pylist(), starts, counts):
-        if c and mains.get(u) is not None:
-            chip = cv2.resize(chips[int(s) + int(mains[u])], (size, size), interpolation=cv2.INTER_AREA)
-            ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
-            if ok:
-                out[u] = base64.b64encode(png.tobytes()).decode()
+    for u in dict.fromkeys(uris):
+        photo = analyse_photo(storage.read_bytes(fs, u), detector, settings.max_pixels, settings.max_bytes)
+        if photo.main is None:
+            continue
+        chip = cv2.resize(photo.chips[photo.main], (size, size), interpolation=cv2.INTER_AREA)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
+        if ok:
+            out[u] = base64.b64encode(png.tobytes()).decode()
     return out
 
 
 def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
                  log: Callable[[str], None] = print) -> str:
     """Render report.html into the bundle; returns its URI."""
-    t = outcome.tables
-    specs = t["specs"]
-    detail = t["test"]
+    ev = outcome.evaluation
+    specs = ev.specs
+    detail = ev.test
     m = outcome.metrics
     # thumbnails for the most confident mistakes only (a handful of photos re-cropped)
     want = []
     for s in specs:
         if s.kind == CLASSIFICATION:
             d = detail[s.name]
-            wrong = np.flatnonzero(d["pred"] != d["true"])
-            wrong = wrong[np.argsort(-d["prob"][wrong, d["pred"][wrong]])][:8]
-            want += [d["uris"][i] for i in wrong]
+            wrong = np.flatnonzero(d.pred != d.true)
+            wrong = wrong[np.argsort(-d.prob[wrong, d.pred[wrong]])][:8]
+            want += [d.uris[i] for i in wrong]
     try:
         thumbs = thumbnails(want, outcome.meta["data"]["uri"], settings)
     except Exception as exc:  # the report must not lose a trained model
@@ -215,7 +209,7 @@ def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
     sections = []
     for s in specs:
         if s.kind == CLASSIFICATION:
-            sections.append(_classification_section(s.name, s.labels, detail[s.name], t["train_counts"][s.name], thumbs, s))
+            sections.append(_classification_section(s.name, s.labels, detail[s.name], ev.train_counts[s.name], thumbs, s))
         else:
             sections.append(_regression_section(s.name, detail[s.name], s))
     unknown = ""
@@ -237,7 +231,7 @@ def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
 <style>body{{font-family:sans-serif;max-width:1200px;margin:1em auto}} img{{max-width:100%}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left;font-size:13px}}
 .thumbs{{display:flex;flex-wrap:wrap;gap:8px}} figure{{margin:0;font-size:12px;width:150px}}</style></head><body>
-<h1>faceray model report</h1><table>{summary}</table>{unknown}{''.join(sections)}{_curves(t['history'])}
+<h1>faceray model report</h1><table>{summary}</table>{unknown}{''.join(sections)}{_curves(ev.history)}
 </body></html>"""
     fs, path = storage.resolve(output_uri)
     with fs.open_output_stream(f"{path}/report.html") as f:

@@ -10,6 +10,15 @@ import math
 from dataclasses import dataclass
 
 
+#: Clusters with at most this many CPUs get fractional CPU requests: whole-CPU actors plus
+#: a write task (or a Serve app next to a job) on 2 CPUs make Ray wait forever.
+SMALL_CLUSTER_CPUS = 4
+
+
+def is_small(cpus: float) -> bool:
+    return cpus <= SMALL_CLUSTER_CPUS
+
+
 @dataclass(frozen=True)
 class Plan:
     cpus: float
@@ -50,7 +59,7 @@ def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
     """
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
-    small = cpus <= 4
+    small = is_small(cpus)
     write_cpus = 0.25 if small else 0.5
     if gpus < 1 and not embed_actors:
         n = crop_actors or max(1, int(cpus) if small else int(cpus - write_cpus))
@@ -68,3 +77,17 @@ def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
     return Plan(cpus, gpus, n_crop, crop_cpus, n_embed, embed_cpus, embed_gpus,
                 crop_batch=8, embed_batch=64 if embed_gpus else 32, device_batch=dev_batch,
                 write_cpus=write_cpus)
+
+
+def serve_actor_options(resources: dict[str, float]) -> dict[str, dict[str, float]]:
+    """CPU/GPU requests per Serve deployment, by the same rule as the batch plan.
+
+    A GPU is requested (for Embeddings only) when the cluster has one: asking for a GPU
+    that does not exist leaves the replica pending forever.
+    """
+    cpus, gpus = float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
+    small = is_small(cpus)
+    embed = {"num_cpus": 1.0, "num_gpus": 1.0} if gpus >= 1 else {"num_cpus": 0.5 if small else 1.0}
+    return {"Faces": {"num_cpus": 0.5 if small else 1.0}, "Embeddings": embed,
+            "Heads": {"num_cpus": 0.1 if small else 0.25}, "Predictions": {"num_cpus": 0.1 if small else 0.5},
+            "Api": {"num_cpus": 0.1 if small else 0.5}}

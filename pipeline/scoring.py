@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage, table
 from pipeline.resources import Plan, plan_resources
+from pipeline.predict import table_tasks
 from pipeline.settings import Settings
 
 PART_PREFIX = "part-"
@@ -41,28 +42,6 @@ class Summary:
         return out
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster a job was submitted to, or start a local one bound to 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        # A Ray we start listens on 127.0.0.1 only.  Ray reads this variable once, when it
-        # is first imported (which has happened by now), so the constant is set as well;
-        # child processes (GCS, raylet, workers) read the variable.  Never for a cluster
-        # we join: its nodes must reach this driver on the node's own address.
-        from ray._private import ray_constants
-
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {"address": address, "log_to_driver": True}
-    if num_cpus is not None and not address:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-
-
 def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
     """Photos already in an output table (for --resume), and that table's schema."""
     fs, path = storage.resolve(output)
@@ -85,15 +64,16 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
 
     from pipeline.stages import face_dataset
 
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     started = time.monotonic()
-    tasks: list[tuple[str, str]] = []
+    bundle_tasks: list[tuple[str, str]] = []
     if model_uri:  # fail on an unreadable model before any photo is touched
         from pipeline.heads import ModelBundle
 
         bundle = ModelBundle.load(model_uri)
-        tasks = list(bundle.tasks)
-        log(f"model {model_uri}: version {bundle.model_version}, tasks {[t for t, _ in tasks]}")
+        bundle_tasks = list(bundle.tasks)
+        log(f"model {model_uri}: version {bundle.model_version}, tasks {[t for t, _ in bundle_tasks]}")
+    tasks = table_tasks(settings.attributes, bundle_tasks)
     storage.check_writable(output_uri)
     manifest = storage.list_images(input_uri, limit=limit)
     log(f"listed {manifest.num_rows} photos under {input_uri}")

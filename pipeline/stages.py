@@ -1,6 +1,8 @@
 """Ray Data stages (callable classes for ``map_batches``): crop on CPU actors, embed and
 label on GPU actors where the cluster has GPUs; on CPU-only clusters one actor does both
-(``FaceStage``).  Scoring and training both use these.
+(``FaceStage``).  Scoring and training both use these: scoring keeps every face (rows of
+the prediction table), training only each photo's main face (``main_only``), decided
+once in the crop stage where the faces exist.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import table
+from pipeline.contract import DECODE_ERROR, READ_ERROR
 from pipeline.resources import Plan
 from pipeline.settings import Settings
 from pipeline.storage import read_bytes
@@ -43,53 +46,51 @@ class CropStage:
         rows = []
         for uri, data in zip(uris, self.io.map(self._read, uris)):
             if isinstance(data, Exception):
-                rows.append(_row(uri, "read_error", f"{type(data).__name__}: {data}"))
+                rows.append(_row(uri, READ_ERROR, f"{type(data).__name__}: {data}"))
                 continue
             try:
                 res = analyse_photo(data, self.detector, self.settings.max_pixels, self.settings.max_bytes)
             except Exception as exc:  # never lose a photo to an unforeseen decoder failure
-                rows.append(_row(uri, "decode_error", f"{type(exc).__name__}: {exc}"))
+                rows.append(_row(uri, DECODE_ERROR, f"{type(exc).__name__}: {exc}"))
                 continue
             rows.append(_row(
                 uri, res.status, res.error, res.width, res.height, len(res.faces),
                 boxes=[float(v) for f in res.faces for v in f.bbox],
                 landmarks=[float(v) for f in res.faces for v in np.ravel(f.landmarks)],
-                scores=[float(f.score) for f in res.faces],
+                scores=[float(f.score) for f in res.faces], main_face=res.main,
                 chips=np.ascontiguousarray(res.chips).tobytes()))
         return table.photo_table(rows)
 
 
 def _row(uri: str, status: str, error: str | None = None, width: int | None = None,
          height: int | None = None, face_count: int = 0, boxes: list | None = None,
-         landmarks: list | None = None, scores: list | None = None, chips: bytes = b"") -> dict:
+         landmarks: list | None = None, scores: list | None = None, main_face: int | None = None,
+         chips: bytes = b"") -> dict:
     return dict(image_uri=uri, status=status, error=error, width=width, height=height,
                 face_count=face_count, boxes=boxes or [], landmarks=landmarks or [],
-                scores=scores or [], chips=chips)
+                scores=scores or [], main_face=main_face, chips=chips)
 
 
 class EmbedStage:
-    """Photo rows with chips → prediction-table rows (embeddings, and labels with a model)."""
+    """Photo rows with chips → prediction-table rows (embeddings, and labels with a model),
+    or with ``main_only`` one row per photo with its main face's embedding (training)."""
 
     def __init__(self, settings: Settings, model_uri: str | None = None, device_batch: int = 32,
-                 flip_tta: bool = False) -> None:
-        from pipeline.embed import Embedder
+                 flip_tta: bool = False, main_only: bool = False) -> None:
+        from pipeline.predict import FaceModels
 
-        self.embedder = Embedder(settings.weights, flip_tta=flip_tta, batch_size=device_batch)
-        self.bundle = None
-        if model_uri:
-            from pipeline.heads import ModelBundle
-
-            self.bundle = ModelBundle.load(model_uri)
+        # training embeds main faces only: no attributes, no bundle
+        self.models = FaceModels(settings, None if main_only else model_uri, device_batch, flip_tta,
+                                 attributes=False if main_only else None)
+        self.main_only = main_only
 
     def __call__(self, photos: pa.Table) -> pa.Table:
-        chips = table.photo_chips(photos, self.embedder.spec.geometry.size)
-        emb = self.embedder(chips)
-        if self.bundle is None:
-            return table.face_rows(photos, emb)
+        chips = table.photo_chips(photos, self.models.embedder.spec.geometry.size, self.main_only)
+        if self.main_only:
+            return table.main_face_rows(photos, self.models.embedder(chips))
         counts = photos.column("face_count").to_numpy(zero_copy_only=False)
-        photo_ids = np.repeat(np.arange(len(counts)), counts)
-        preds = self.bundle.predict(emb, photo_ids)
-        return table.face_rows(photos, emb, preds, self.bundle.tasks, self.bundle.model_version)
+        emb, preds = self.models(chips, np.repeat(np.arange(len(counts)), counts))
+        return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version)
 
 
 class FaceStage:
@@ -97,18 +98,19 @@ class FaceStage:
     chain, so neither half idles waiting for the other whatever the faces per photo."""
 
     def __init__(self, filesystem: pafs.FileSystem, settings: Settings, model_uri: str | None = None,
-                 device_batch: int = 32, flip_tta: bool = False) -> None:
+                 device_batch: int = 32, flip_tta: bool = False, main_only: bool = False) -> None:
         self.crop = CropStage(filesystem, settings)
-        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta)
+        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.embed(self.crop(batch))
 
 
 def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: Plan,
-                 model_uri: str | None = None, flip_tta: bool = False):
+                 model_uri: str | None = None, flip_tta: bool = False, main_only: bool = False):
     """The Ray Data plan scoring and training share: manifest → crop actors → embed actors
-    (or one fused pool without GPUs), as a dataset of prediction-table rows."""
+    (or one fused pool without GPUs), as a dataset of prediction-table rows (or, with
+    ``main_only``, of ``table.MAIN_FACE_SCHEMA`` rows)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -121,7 +123,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     fs = resolve(input_uri)[0]
     if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
         return ds.map_batches(
-            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta),
+            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta, main_only),
             batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
             compute=ActorPoolStrategy(size=plan.crop_actors))
     ds = ds.map_batches(
@@ -129,7 +131,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
         batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
     return ds.map_batches(
-        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta),
+        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only),
         batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
         num_gpus=plan.embed_gpus or None,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))

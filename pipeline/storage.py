@@ -13,11 +13,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+from pipeline.contract import PHOTO_EXTENSIONS, UsageError, extension
+
 MANIFEST_SCHEMA = pa.schema([("image_uri", pa.string()), ("size", pa.int64())])
 
 
-class StorageError(RuntimeError):
+class StorageError(UsageError):
     """Misuse or an unreachable store: the job stops with this one-line reason."""
 
 
@@ -57,16 +58,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
-def join_uri(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
 def _to_uri(uri_root: str, fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def _is_image(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+    return extension(path) in PHOTO_EXTENSIONS
 
 
 def list_images(uri: str, limit: int | None = None, threads: int = 16) -> pa.Table:

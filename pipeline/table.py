@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-EMBEDDING_DIM = 128
+from pipeline.contract import CLASSIFICATION, EMBEDDING_DIM
+
 BBOX = pa.struct([("x", pa.float32()), ("y", pa.float32()), ("w", pa.float32()), ("h", pa.float32())])
-STATUSES = ("ok", "no_face", "decode_error", "read_error", "too_large")
 
 BASE_FIELDS = [
     pa.field("image_uri", pa.string(), nullable=False),
@@ -39,7 +39,19 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("boxes", pa.list_(pa.float32())),       # 4 per face: x, y, w, h
     pa.field("landmarks", pa.list_(pa.float32())),   # 10 per face
     pa.field("scores", pa.list_(pa.float32())),
+    pa.field("main_face", pa.int32()),               # the face the photo is "of"; null: none
     pa.field("chips", pa.large_binary()),            # face_count × S × S × 3 uint8
+])
+
+# Training's view of a photo: its main face only (one row per photo, embedding null
+# when the photo has no usable face).
+MAIN_FACE_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("face_count", pa.int32()),
+    pa.field("main_face", pa.int32()),
+    pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
 ])
 
 
@@ -47,7 +59,7 @@ def prediction_schema(tasks: Sequence[tuple[str, str]] = ()) -> pa.Schema:
     """The contract's schema; ``tasks`` are (name, kind) with kind classification|regression."""
     fields = list(BASE_FIELDS)
     for name, kind in tasks:
-        fields.append(pa.field(name, pa.string() if kind == "classification" else pa.float32()))
+        fields.append(pa.field(name, pa.string() if kind == CLASSIFICATION else pa.float32()))
         fields.append(pa.field(f"{name}_score", pa.float32()))
     fields.append(pa.field("model_version", pa.string()))
     return pa.schema(fields)
@@ -57,12 +69,44 @@ def photo_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PHOTO_SCHEMA)
 
 
-def photo_chips(photos: pa.Table, chip_size: int) -> np.ndarray:
-    """All chips of a batch of photos, in face order, as N×S×S×3 uint8."""
-    parts = [np.frombuffer(b, np.uint8) for b in photos.column("chips").to_pylist() if b]
+def photo_chips(photos: pa.Table, chip_size: int, main_only: bool = False) -> np.ndarray:
+    """All chips of a batch of photos in face order (or each photo's main chip only,
+    for the photos that have one) as N×S×S×3 uint8."""
+    per_chip = chip_size * chip_size * 3
+    blobs = photos.column("chips").to_pylist()
+    if main_only:
+        mains = photos.column("main_face").to_pylist()
+        parts = [np.frombuffer(b, np.uint8, per_chip, m * per_chip) for b, m in zip(blobs, mains) if m is not None]
+    else:
+        parts = [np.frombuffer(b, np.uint8) for b in blobs if b]
     if not parts:
         return np.zeros((0, chip_size, chip_size, 3), np.uint8)
     return np.concatenate(parts).reshape(-1, chip_size, chip_size, 3)
+
+
+def main_face_rows(photos: pa.Table, embeddings: np.ndarray) -> pa.Table:
+    """One row per photo with its main face's embedding (``embeddings``: one per photo
+    whose ``main_face`` is set, in photo order)."""
+    has = _valid(photos.column("main_face"))
+    mat = np.zeros((photos.num_rows, EMBEDDING_DIM), np.float32)
+    mat[has] = embeddings
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel(), pa.float32()), EMBEDDING_DIM,
+                                            mask=pa.array(~has))
+    cols = [photos.column(n) for n in ("image_uri", "status", "error", "face_count", "main_face")]
+    return pa.Table.from_arrays([*cols, emb], schema=MAIN_FACE_SCHEMA)
+
+
+def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of embeddings (no nulls) as an N×128 float32 matrix."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, EMBEDDING_DIM)
+
+
+def _valid(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Validity of a column as a numpy bool array."""
+    import pyarrow.compute as pc
+
+    return np.asarray(pc.is_valid(col).to_numpy(zero_copy_only=False), bool)
 
 
 def face_rows(photos: pa.Table, embeddings: np.ndarray,
@@ -111,7 +155,7 @@ def face_rows(photos: pa.Table, embeddings: np.ndarray,
     }
     for name, kind in tasks:
         labels, conf = (predictions or {})[name]
-        if kind == "classification":
+        if kind == CLASSIFICATION:
             lab = np.empty(n, dtype=object)
             lab[has_face] = np.asarray(labels, dtype=object)[face_pos[has_face]]
             cols[name] = pa.array(lab, pa.string(), mask=~has_face)

@@ -19,6 +19,8 @@ import os
 import cv2
 import numpy as np
 
+from pipeline.contract import ModelFileError
+
 STRIDES = (8, 16, 32)
 DIVISOR = 32
 OUTPUTS = tuple(f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES)
@@ -53,10 +55,10 @@ class YuNet:
             self.session = ort.InferenceSession(_dynamic_model(str(model_path)), opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnx/ort raise several types for a bad file
-            raise ValueError(f"cannot load face detector model {model_path}: {exc}") from None
+            raise ModelFileError(f"cannot load face detector model {model_path}: {exc}") from None
         names = {o.name for o in self.session.get_outputs()}
         if not set(OUTPUTS) <= names:
-            raise ValueError(f"{model_path} is not a YuNet 2023 model (outputs {sorted(names)})")
+            raise ModelFileError(f"{model_path} is not a YuNet 2023 model (outputs {sorted(names)})")
         self.input_name = self.session.get_inputs()[0].name
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)

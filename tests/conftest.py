@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.settings import get_settings
+from pipeline.settings import Settings
 
 
 def _data_dir() -> Path:
-    return Path(get_settings().data_dir)
+    return Path(Settings().data_dir)
 
 
 @pytest.fixture(scope="session")

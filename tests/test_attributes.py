@@ -139,7 +139,7 @@ def test_predictions_shapes_ranges_and_batching(nets: AttributeNets, chips: np.n
 @pytest.mark.parametrize("task", ["age", "gender", "emotion"])
 def test_missing_or_corrupt_model_file_is_named(tmp_path: Path, task: str) -> None:
     missing = tmp_path / f"missing-{task}.bin"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(ModelFileError, match=str(missing)):
         AttributeNets(device="cpu", model_paths={task: str(missing)})
     corrupt = tmp_path / Path(default_model_path(task)).name
     corrupt.write_bytes(b"\x89HDF\r\n\x1a\n not a model" * 10)

@@ -18,7 +18,8 @@ from PIL import Image
 from pipeline.decoding import DecodedImage, decode_image
 from pipeline.faces import Face, FaceDetector, crop_chips, default_model_path, main_face_index
 from pipeline.geometry import DLIB_CHIP
-from pipeline.settings import get_settings
+from pipeline.contract import ModelFileError
+from pipeline.settings import Settings
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
@@ -282,7 +283,7 @@ def test_main_face_index() -> None:
 
 def test_model_path_errors_name_the_file(tmp_path: Path, monkeypatch) -> None:
     missing = tmp_path / "nope.onnx"
-    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+    with pytest.raises(ModelFileError, match="nope.onnx"):
         FaceDetector(str(missing))
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
@@ -290,11 +291,7 @@ def test_model_path_errors_name_the_file(tmp_path: Path, monkeypatch) -> None:
         FaceDetector(str(bad))
     assert Path(default_model_path()).is_file()
     monkeypatch.setenv("FACERAY_DETECTOR_MODEL", str(missing))
-    get_settings.cache_clear()
-    try:
-        assert default_model_path() == str(missing)
-        with pytest.raises(FileNotFoundError, match="nope.onnx"):
-            FaceDetector()
-    finally:
-        monkeypatch.delenv("FACERAY_DETECTOR_MODEL")
-        get_settings.cache_clear()
+    settings = Settings()   # the environment is read where settings are made, then passed
+    assert settings.detector_model == str(missing)
+    with pytest.raises(ModelFileError, match="nope.onnx"):
+        FaceDetector.from_settings(settings)

@@ -12,7 +12,9 @@ import torch
 from pipeline.datasets import parse_utk_name, read_labelled
 from pipeline.heads import (ModelBundle, TaskSpec, assign_exclusive, build_heads, calibrate_open_set,
                             class_centroids)
-from pipeline.training import stratified_split, task_losses
+from pipeline.contract import ModelFileError
+from pipeline.training.ddp import task_losses
+from pipeline.training.split import stratified_split
 
 
 def _clusters(k: int = 6, per: int = 40, noise: float = 0.25, seed: int = 0):
@@ -102,7 +104,7 @@ def test_bundle_version_is_a_content_hash_and_tampering_is_refused(tmp_path):
     (tmp_path / "b" / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="hash"):
         ModelBundle.load(str(tmp_path / "b"))
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+    with pytest.raises(ModelFileError, match=str(tmp_path / "nowhere")):
         ModelBundle.load(str(tmp_path / "nowhere"))
 
 

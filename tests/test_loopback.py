@@ -14,7 +14,7 @@ SCRIPT = r"""
 import json, os, sys, time
 import ray                                   # imported before faceray touches anything
 sys.path.insert(0, sys.argv[1])
-from pipeline.scoring import init_ray
+from pipeline.runtime import init_ray
 
 init_ray(num_cpus=1)
 time.sleep(2)                                # let the agents and the dashboard bind

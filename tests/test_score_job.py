@@ -15,6 +15,8 @@ from PIL import Image
 
 from jobs import score_directory
 from pipeline import table
+from pipeline.attributes import EMOTION_LABELS
+from pipeline.predict import table_tasks
 
 BUCKET = "scoring"
 
@@ -27,8 +29,8 @@ def _png_header_only(width: int, height: int) -> bytes:
             + struct.pack(">I", zlib.crc32(chunk) & 0xFFFFFFFF))
 
 
-def _bad_and_odd_files(face_jpeg: Path, dest: Path) -> dict[str, str]:
-    """Generated inputs with the status each must get."""
+def _bad_and_odd_files(face_jpeg: Path, group_jpeg: Path, dest: Path) -> dict[str, str]:
+    """Generated inputs with the status each must get (phone formats made from real photos)."""
     dest.mkdir(parents=True)
     data = face_jpeg.read_bytes()
     img = Image.open(face_jpeg).convert("RGB")
@@ -42,8 +44,14 @@ def _bad_and_odd_files(face_jpeg: Path, dest: Path) -> dict[str, str]:
     exif[0x0112] = 6  # stored rotated: viewers turn it 90° clockwise
     img.transpose(Image.Transpose.ROTATE_90).save(dest / "rotated.jpg", exif=exif.tobytes(), quality=92)
     (dest / "bomb.png").write_bytes(_png_header_only(60000, 60000))
+    img.save(dest / "phone.heic", format="HEIF", quality=90)   # iPhones
+    img.save(dest / "phone.avif", format="AVIF", quality=90)   # browsers, Android
+    group = Image.open(group_jpeg).convert("RGB")
+    group.transpose(Image.Transpose.ROTATE_90).save(dest / "rotated.heic", format="HEIF", quality=90,
+                                                    exif=exif.tobytes())
     return {"empty.jpg": "decode_error", "truncated.jpg": "decode_error", "text.jpg": "decode_error",
-            "cmyk.jpg": "ok", "sixteen.png": "ok", "rotated.jpg": "ok", "bomb.png": "too_large"}
+            "cmyk.jpg": "ok", "sixteen.png": "ok", "rotated.jpg": "ok", "bomb.png": "too_large",
+            "phone.heic": "ok", "phone.avif": "ok", "rotated.heic": "ok"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,7 @@ def photo_set(data_dir, tmp_path_factory, local_s3):
         (root / group).mkdir()
         for f in files:
             (root / group / f.name).write_bytes(f.read_bytes())
-    expected = _bad_and_odd_files(picks["identities"][0], root / "odd")
+    expected = _bad_and_odd_files(picks["identities"][0], picks["groups"][0], root / "odd")
     local_s3.create_bucket(BUCKET)
     n = local_s3.upload_dir(root, BUCKET, "photos")
     return {"root": root, "count": n, "expected": expected, "picks": picks}
@@ -78,7 +86,7 @@ def test_every_photo_gets_a_row_with_the_right_status(ray_cluster, local_s3, pho
     assert "faceray score_directory summary" in out and f"photos scored: {photo_set['count']}" in out
 
     t = _read(local_s3, "out")
-    assert t.schema.equals(table.prediction_schema(), check_metadata=False)
+    assert t.schema.equals(table.prediction_schema(table_tasks(True)), check_metadata=False)
     uris = set(t.column("image_uri").to_pylist())
     assert len(uris) == photo_set["count"]
     rows = t.to_pylist()
@@ -92,6 +100,13 @@ def test_every_photo_gets_a_row_with_the_right_status(ray_cluster, local_s3, pho
             assert by_name[name][0]["error"], name
     rot, upright = by_name["rotated.jpg"][0], by_name[photo_set["picks"]["identities"][0].name][0]
     assert (rot["width"], rot["height"]) == (upright["width"], upright["height"])
+    for name in ("phone.heic", "phone.avif"):  # the same portrait, same face, in phone formats
+        assert by_name[name][0]["face_count"] == upright["face_count"] >= 1, name
+        assert np.dot(by_name[name][0]["embedding"], upright["embedding"]) > 0.95, name
+    group = photo_set["picks"]["groups"][0].name
+    rot_heic, group_rows = by_name["rotated.heic"], by_name[group]
+    assert (rot_heic[0]["width"], rot_heic[0]["height"]) == (group_rows[0]["width"], group_rows[0]["height"])
+    assert rot_heic[0]["face_count"] >= 0.8 * group_rows[0]["face_count"] >= 2   # upright again: faces found
 
     for f in photo_set["picks"]["groups"]:
         assert by_name[f.name][0]["face_count"] >= 3, f.name
@@ -106,6 +121,13 @@ def test_every_photo_gets_a_row_with_the_right_status(ray_cluster, local_s3, pho
             assert b["w"] >= 20 and b["h"] > 0 and -b["w"] < b["x"] < r["width"]
         else:
             assert r["face_index"] is None and r["embedding"] is None
+    faces_rows = [r for r in rows if r["face_index"] is not None]
+    assert {r["gender"] for r in faces_rows} == {"female", "male"}   # DESIGN.md's labels exactly
+    assert {r["emotion"] for r in faces_rows} <= set(EMOTION_LABELS) and len({r["emotion"] for r in faces_rows}) >= 2
+    assert all(0 <= r["age"] <= 100 for r in faces_rows)
+    assert all(0 <= r[f"{k}_score"] <= 1 for r in faces_rows for k in ("age", "gender", "emotion"))
+    assert all(r["age"] is None and r["gender"] is None for r in rows if r["face_index"] is None)
+    assert all(r["model_version"] is None for r in rows)   # built-ins need no model
     faces = pc.sum(pc.is_valid(t.column("face_index"))).as_py()
     assert len(rows) == faces + sum(1 for r in rows if r["face_index"] is None)
 
@@ -125,6 +147,15 @@ def test_resume_adds_only_the_missing_photos(ray_cluster, local_s3, photo_set, c
     first = table.first_rows(t)
     uris = first.column("image_uri").to_pylist()
     assert len(uris) == len(set(uris)) == photo_set["count"]
+
+
+def test_no_attributes_leaves_their_columns_out(ray_cluster, local_s3, photo_set):
+    out = f"s3://{BUCKET}/plain"
+    assert score_directory.main(["--input", f"s3://{BUCKET}/photos", "--output", out, "--limit", "4",
+                                 "--no-attributes"]) == 0
+    t = _read(local_s3, "plain")
+    assert t.schema.equals(table.prediction_schema(), check_metadata=False)
+    assert not {"age", "gender", "emotion"} & set(t.schema.names)
 
 
 def test_misuse_exits_2_with_a_reason(ray_cluster, local_s3, capsys, tmp_path):

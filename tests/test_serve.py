@@ -179,6 +179,32 @@ def test_faces_match_the_batch_rows(api, scored, bundle):
     assert checked_faces >= PEOPLE * HELD_OUT and labelled >= PEOPLE, (checked_faces, labelled)
 
 
+def test_phone_formats_are_accepted_and_a_video_is_not(api, scored):
+    """HEIC (iPhones), AVIF (browsers, Android) and an EXIF-rotated HEIC answer like the JPEG."""
+    from PIL import Image
+
+    name, rows = next((n, r) for n, r in sorted(_rows_by_photo(scored["rows"]).items())
+                      if r[0]["status"] == "ok" and r[0]["face_count"] == 1)
+    img = Image.open(scored["root"] / name).convert("RGB")
+    jpeg = api.post("/v1/faces", content=(scored["root"] / name).read_bytes()).json()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for fmt, im, kwargs in (("HEIF", img, {}), ("AVIF", img, {}),
+                            ("HEIF", img.transpose(Image.Transpose.ROTATE_90), {"exif": exif.tobytes()})):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, quality=90, **kwargs)
+        r = api.post("/v1/faces", content=buf.getvalue(), headers={"content-type": "image/heic"})
+        assert r.status_code == 200, (fmt, r.text)
+        body = r.json()
+        assert (body["width"], body["height"]) == (jpeg["width"], jpeg["height"])
+        assert len(body["faces"]) == 1, (fmt, kwargs, body["faces"])
+        for k in ("x", "y", "w", "h"):
+            assert abs(body["faces"][0]["bbox"][k] - jpeg["faces"][0]["bbox"][k]) < 4, (fmt, k)
+    mp4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64)
+    r = api.post("/v1/faces", content=mp4, headers={"content-type": "video/mp4"})
+    assert r.status_code == 415 and "HEIC" in r.json()["error"], r.text
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     from benchmarks.serve_load import png_header_only
 

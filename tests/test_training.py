@@ -68,7 +68,8 @@ def test_identities_two_workers_accuracy_open_set_and_bundle(identity_bundle):
 
 
 def test_one_and_two_workers_agree(identity_bundle, data_dir, embedding_cache, tmp_path):
-    from pipeline.training import TrainConfig, train
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import train
 
     _, two, _ = identity_bundle
     one = train(str(data_dir / "identities"), str(tmp_path / "one"), "folders", None,
@@ -83,7 +84,8 @@ def test_killed_worker_resumes_from_checkpoint(identity_bundle, data_dir, embedd
     """SIGKILL one Ray Train worker once a checkpoint exists; the run must resume from it."""
     import ray._private.state as ray_state
 
-    from pipeline.training import TrainConfig, train
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import train
 
     out = tmp_path / "killed"
     cfg = TrainConfig(workers=2, epochs=40, patience=40, batch_size=16, head="linear", max_failures=2)
@@ -143,7 +145,8 @@ def test_csv_on_s3_with_missing_labels(ray_cluster, local_s3, data_dir, tmp_path
     """csv layout read from S3, a label missing for one task, bundle and checkpoints on S3."""
     from pipeline import storage
     from pipeline.heads import ModelBundle
-    from pipeline.training import TrainConfig, train
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import train
 
     fs = storage.s3_filesystem()
     bucket = "csvtrain"
@@ -172,6 +175,25 @@ def test_csv_on_s3_with_missing_labels(ray_cluster, local_s3, data_dir, tmp_path
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/model"))}
     assert {"model.json", "heads.pt", "metrics.json", "report.html"} <= names
     assert fs.get_file_info(f"{bucket}/cache").type == pafs.FileType.Directory
+
+    # scoring with it: the bundle's gender and age replace the built-in ones, emotion stays
+    from jobs.score_directory import main
+    from pipeline import table
+
+    photos = tmp_path / "score"
+    photos.mkdir()
+    for f in files[:5]:
+        (photos / f.name).symlink_to(f)
+    assert main(["--input", str(photos), "--output", str(tmp_path / "t"), "--model", f"s3://{bucket}/model"]) == 0
+    t = pads.dataset(str(tmp_path / "t"), format="parquet").to_table()
+    assert [n for n in t.schema.names if n in ("age", "gender", "emotion")] == ["emotion", "gender", "age"]
+    ok = t.filter(pads.field("face_index").is_valid())
+    uris = ok.column("image_uri").to_pylist()
+    photo_ids = np.unique(uris, return_inverse=True)[1]
+    preds = bundle.predict(table.embedding_matrix(ok.column("embedding")), photo_ids)
+    assert ok.column("gender").to_pylist() == list(preds["gender"][0])
+    np.testing.assert_allclose(ok.column("age").to_numpy(), preds["age"][0], rtol=1e-5)
+    assert set(ok.column("model_version").to_pylist()) == {bundle.model_version}
 
 
 def test_score_directory_uses_the_bundle(identity_bundle, data_dir, tmp_path):

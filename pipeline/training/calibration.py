@@ -1,0 +1,42 @@
+"""From the fit to a bundle in memory: the head kept per task (best on validation), class
+centroids from the training faces, and open-set thresholds calibrated on validation faces
+so that at most ``target_frr`` of known faces are rejected."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from pipeline.contract import CLASSIFICATION
+from pipeline.heads import ModelBundle, TaskSpec, calibrate_open_set, class_centroids
+from pipeline.training.split import Encoded
+
+
+def select_heads(specs: list[TaskSpec], best: dict[str, dict]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Per task the variant with the lowest validation criterion: its state (keyed
+    ``task.<param>``) and why it was chosen.  Sets ``spec.head``."""
+    heads_state, chosen = {}, {}
+    for s in specs:
+        cands = {k.split("@")[1]: b for k, b in best.items() if k.split("@")[0] == s.name}
+        v = min(cands, key=lambda c: cands[c]["crit"])
+        s.head = v
+        chosen[s.name] = {"head": v, "best_epoch": cands[v]["epoch"],
+                          **{f"val_crit_{c}": round(b["crit"], 5) for c, b in cands.items()}}
+        heads_state.update({f"{s.name}.{n}": p for n, p in cands[v]["state"].items()})
+    return heads_state, chosen
+
+
+def calibrate(specs: list[TaskSpec], heads_state: dict[str, Any], train: Encoded, val: Encoded,
+              target_frr: float) -> tuple[ModelBundle, dict, dict[str, dict]]:
+    """The calibrated bundle in memory, its centroids, and each open-set task's calibration."""
+    centroids = {s.name: class_centroids(train.x[train.y[s.name] >= 0], train.y[s.name][train.y[s.name] >= 0],
+                                         len(s.labels))
+                 for s in specs if s.kind == CLASSIFICATION and s.open_set}
+    raw_val = ModelBundle.in_memory(specs, heads_state, centroids).raw(val.x)
+    calib = {}
+    for s in specs:
+        if s.name in centroids:
+            m = val.y[s.name] >= 0
+            c = calibrate_open_set(raw_val[s.name][m], val.x[m], val.y[s.name][m], centroids[s.name], target_frr)
+            s.min_prob, s.max_dist = round(c.min_prob, 6), round(c.max_dist, 6)
+            calib[s.name] = asdict(c)
+    return ModelBundle.in_memory(specs, heads_state, centroids), centroids, calib

@@ -1,0 +1,234 @@
+"""The Ray Train DDP fit of the heads: one worker per GPU (gloo on CPU), the training
+rows sharded by Ray Data, full validation on every worker, a checkpoint per epoch, and
+``FailureConfig`` resuming a killed worker from the last one.
+
+With ``head="auto"`` a linear and an MLP head are trained side by side in the same run
+(disjoint parameters, so they do not interact); ``calibration`` keeps the better one.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from pipeline import storage
+from pipeline.contract import CLASSIFICATION, UsageError
+from pipeline.heads import TaskSpec, build_heads
+from pipeline.training.config import TrainConfig
+from pipeline.training.split import Encoded
+
+
+class MultiHead(torch.nn.Module):
+    """Every ``task@variant`` head on the shared embedding."""
+
+    def __init__(self, specs: list[TaskSpec], variants: list[str]) -> None:
+        super().__init__()
+        self.heads = build_heads(specs, variants)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: h(x) for k, h in self.heads.items()}
+
+
+def task_losses(out: dict, ys: dict, specs: list[TaskSpec], variants: list[str], class_w: dict,
+                huber_delta: float, weighted: bool = True) -> dict:
+    """Loss per ``task@variant``; a row without a label for a task adds nothing to it.
+
+    Classification: class-weighted cross-entropy (label -1 = missing).  Regression: Huber
+    on the standardised target (NaN = missing) plus a Laplace NLL for the scale output,
+    computed on the detached residual so it does not pull the value.
+    """
+    res = {}
+    for s in specs:
+        y = ys[s.name]
+        for v in variants:
+            o = out[f"{s.name}@{v}"]
+            if s.kind == CLASSIFICATION:
+                mask = y >= 0
+                w = class_w[s.name] if weighted else torch.ones(len(s.labels))
+                safe = y.clamp(min=0)
+                per = F.cross_entropy(o, safe, weight=w, reduction="none")
+                denom = (w[safe] * mask).sum()
+                res[f"{s.name}@{v}"] = torch.where(mask, per, torch.zeros_like(per)).sum() / denom.clamp(min=1e-8)
+            else:
+                mask = torch.isfinite(y)
+                t = torch.where(mask, (y - s.mean) / s.std, torch.zeros_like(y))
+                value, b = o[:, 0], F.softplus(o[:, 1]) + 1e-3
+                per = F.huber_loss(value, t, delta=huber_delta, reduction="none")
+                per = per + (t - value).abs().detach() / b + torch.log(b)
+                res[f"{s.name}@{v}"] = torch.where(mask, per, torch.zeros_like(per)).sum() / mask.sum().clamp(min=1)
+    return res
+
+
+def _tensors(batch: dict, specs: list[TaskSpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = torch.as_tensor(np.asarray(batch["x"]), dtype=torch.float32)
+    ys = {s.name: torch.as_tensor(np.asarray(batch[f"y_{s.name}"]),
+                                  dtype=torch.int64 if s.kind == CLASSIFICATION else torch.float32)
+          for s in specs}
+    return x, ys
+
+
+def _validation_metrics(out: dict, vloss: dict, val_y: dict, specs: list[TaskSpec],
+                        variants: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per ``task@variant``: the reported metrics, and the selection criterion (lower is better)."""
+    metrics, crit = {}, {}
+    for s in specs:
+        y = val_y[s.name]
+        for v in variants:
+            k, o = f"{s.name}@{v}", out[f"{s.name}@{v}"]
+            if s.kind == CLASSIFICATION:
+                m = y >= 0
+                metrics[f"val_{k}_acc"] = float((o.argmax(1)[m] == y[m]).float().mean()) if m.any() else float("nan")
+                crit[k] = float(vloss[k])
+            else:
+                m = torch.isfinite(y)
+                mae = float(((o[:, 0] * s.std + s.mean)[m] - y[m]).abs().mean()) if m.any() else float("nan")
+                metrics[f"val_{k}_mae"] = mae
+                crit[k] = mae / s.std
+            metrics[f"val_{k}_loss"] = float(vloss[k])
+    return metrics, crit
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Train worker: DDP over the shard, full validation, checkpoint per epoch."""
+    import ray.train
+    import ray.train.torch
+
+    specs = [TaskSpec.from_json(d) for d in config["specs"]]
+    variants: list[str] = config["variants"]
+    torch.manual_seed(config["seed"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = MultiHead(specs, variants)
+    ddp = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    class_w = {k: torch.tensor(v, dtype=torch.float32) for k, v in config["class_weights"].items()}
+    task_w = config["task_weights"]
+    val_x, val_y = _tensors(config["val"], specs)
+    start_epoch, resumed_from = 0, -1
+    best: dict[str, dict] = {}
+    history: list[dict] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        best, history = st["best"], st["history"]
+        start_epoch = resumed_from = st["epoch"] + 1
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        t0, seen, total = time.monotonic(), 0, 0.0
+        for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
+                                        local_shuffle_buffer_size=config["shuffle_buffer"]):
+            x, ys = _tensors(batch, specs)
+            parts = task_losses(ddp(x), ys, specs, variants, class_w, config["huber_delta"])
+            loss = sum(task_w.get(k.split("@")[0], 1.0) * v for k, v in parts.items())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(x)
+            total += float(loss.detach()) * len(x)
+        train_s = time.monotonic() - t0
+        model.eval()
+        with torch.no_grad():
+            out = model(val_x)
+            vloss = task_losses(out, val_y, specs, variants, class_w, config["huber_delta"], weighted=False)
+        val_metrics, crit = _validation_metrics(out, vloss, val_y, specs, variants)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(seen, 1),
+                                   "rows_per_s_per_worker": seen / max(train_s, 1e-9),
+                                   "world_size": world, "resumed_from": resumed_from, **val_metrics}
+        for k, c in crit.items():
+            if k not in best or c < best[k]["crit"] - 1e-5:
+                best[k] = {"crit": c, "epoch": epoch, "state": copy.deepcopy(
+                    {n: p.detach().clone() for n, p in model.heads[k].state_dict().items()})}
+        history.append(dict(metrics))
+        last_best = max(b["epoch"] for b in best.values())
+        stop = (epoch - last_best >= config["patience"]) or epoch == config["epochs"] - 1
+        if world > 1:  # every rank must take the same decision (report is a barrier)
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        metrics["stopped"] = stop
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                            "best": best, "history": history}, os.path.join(d, "train_state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+        if stop:
+            break
+
+
+def check_cluster(cfg: TrainConfig) -> dict[str, float]:
+    """The cluster's resources, or a UsageError for flags it cannot honour."""
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.use_gpu and res.get("GPU", 0) < cfg.workers:
+        raise UsageError(f"--use-gpu needs {cfg.workers} GPU(s) but the cluster has {res.get('GPU', 0):g}; "
+                         "drop --use-gpu to train on CPUs")
+    if cfg.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    return res
+
+
+def _class_weights(train: Encoded, specs: list[TaskSpec]) -> dict[str, list[float]]:
+    """Inverse class frequency (0 for classes absent from training)."""
+    out = {}
+    for s in specs:
+        if s.kind == CLASSIFICATION:
+            y = train.y[s.name]
+            counts = np.bincount(y[y >= 0], minlength=len(s.labels)).astype(np.float64)
+            out[s.name] = np.where(counts > 0, counts.sum() / (len(s.labels) * np.maximum(counts, 1)), 0.0).tolist()
+    return out
+
+
+def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, storage_uri: str,
+        log: Callable[[str], None] = print) -> tuple[dict, list[dict], dict]:
+    """One Ray Train run; returns the best state per task@variant, the history, last metrics."""
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = check_cluster(cfg)
+    variants = ["linear", "mlp"] if cfg.head == "auto" else [cfg.head]
+    cols = {"x": ArrowTensorArray.from_numpy(train.x.astype(np.float32))}
+    cols.update({f"y_{k}": pa.array(v) for k, v in train.y.items()})
+    ds = ray.data.from_arrow(pa.table(cols))
+    config = {"specs": [s.to_json() for s in specs], "variants": variants, "seed": cfg.seed,
+              "lr": cfg.lr, "weight_decay": cfg.weight_decay, "class_weights": _class_weights(train, specs),
+              "task_weights": cfg.task_weights, "huber_delta": cfg.huber_delta, "epochs": cfg.epochs,
+              "patience": cfg.patience, "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
+              "val": {"x": val.x, **{f"y_{k}": v for k, v in val.y.items()}}}
+    cpu_per_worker = 1.0 if cfg.use_gpu else min(1.0, float(res.get("CPU", 1)) / cfg.workers)
+    fs, path = storage.resolve(storage_uri)
+    run_name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpu_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds})
+    log(f"Ray Train: {cfg.workers} worker(s), heads {variants}, {len(train.x)} train / {len(val.x)} val faces, "
+        f"checkpoints under {storage_uri.rstrip('/')}/{run_name}")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training reported no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
+    return st["best"], st["history"], dict(result.metrics or {}) | {"run_name": run_name, "run_path": f"{path}/{run_name}"}

@@ -1,0 +1,62 @@
+"""Test metrics of a bundle (closed set and with its open-set rule) and how it labels
+faces of people it was not trained on."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline import storage, table
+from pipeline.contract import CLASSIFICATION, UNKNOWN
+from pipeline.heads import ModelBundle
+from pipeline.settings import Settings
+from pipeline.training.embeddings import embed_labelled
+from pipeline.training.outcome import ClassificationResult, RegressionResult, StrangerResult
+from pipeline.training.split import Encoded
+
+
+def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, ClassificationResult | RegressionResult]]:
+    """Metrics per task and the per-face results behind them."""
+    preds = bundle.predict(part.x, np.arange(len(part.x)))
+    raw = bundle.raw(part.x)
+    metrics: dict[str, dict] = {}
+    results: dict[str, ClassificationResult | RegressionResult] = {}
+    for s in bundle.specs:
+        y = part.y[s.name]
+        if s.kind == CLASSIFICATION:
+            m = y >= 0
+            closed = raw[s.name].argmax(1)
+            labels, scores = preds[s.name]
+            true = np.asarray(s.labels, dtype=object)[y[m]]
+            nan = float("nan")
+            metrics[s.name] = {"faces": int(m.sum()),
+                               "accuracy": float((closed[m] == y[m]).mean()) if m.any() else nan,
+                               "open_set_accuracy": float((labels[m] == true).mean()) if m.any() else nan,
+                               "known_rejected": float((labels[m] == UNKNOWN).mean()) if m.any() else 0.0}
+            results[s.name] = ClassificationResult(y[m], closed[m], raw[s.name][m], labels[m], scores[m],
+                                                   [u for u, k in zip(part.uris, m) if k])
+        else:
+            m = np.isfinite(y)
+            v = preds[s.name][0][m]
+            metrics[s.name] = {"faces": int(m.sum()),
+                               "mae": float(np.abs(v - y[m]).mean()) if m.any() else float("nan"),
+                               "baseline_mae": float(np.abs(s.mean - y[m]).mean()) if m.any() else float("nan")}
+            results[s.name] = RegressionResult(y[m], v, [u for u, k in zip(part.uris, m) if k])
+    return metrics, results
+
+
+def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_uri: str | None,
+                     flip_tta: bool, log: Callable[[str], None]) -> tuple[dict, dict[str, StrangerResult]]:
+    """Share of faces of people outside the training set that come out ``unknown``."""
+    emb, _ = embed_labelled(storage.list_images(uri), uri, settings, cache_uri, flip_tta, log)
+    ok = emb.filter(pc.is_valid(emb.column("main_face")))
+    x = table.embedding_matrix(ok.column("embedding"))
+    preds = bundle.predict(x, np.arange(len(x)))
+    out, results = {}, {}
+    for s in bundle.specs:
+        if s.kind == CLASSIFICATION and s.open_set:
+            labels, scores = preds[s.name]
+            out[s.name] = {"faces": len(x), "rejected": float((labels == UNKNOWN).mean()) if len(x) else 0.0}
+            results[s.name] = StrangerResult(labels, scores, ok.column("image_uri").to_pylist())
+    return out, results

@@ -1,0 +1,84 @@
+"""What a training run hands to its report and its summary: plain typed data."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.heads import TaskSpec
+
+
+@dataclass
+class ClassificationResult:
+    """Test faces of one classification task: true/closed-set indices, probabilities,
+    and the open-set labels and scores the bundle answers."""
+
+    true: np.ndarray
+    pred: np.ndarray
+    prob: np.ndarray
+    label: np.ndarray
+    score: np.ndarray
+    uris: list[str]
+
+
+@dataclass
+class RegressionResult:
+    true: np.ndarray
+    pred: np.ndarray
+    uris: list[str]
+
+
+@dataclass
+class StrangerResult:
+    """Faces of people outside the training set, as one open-set task labels them."""
+
+    label: np.ndarray
+    score: np.ndarray
+    uris: list[str]
+
+
+@dataclass
+class Evaluation:
+    specs: list[TaskSpec]
+    test: dict[str, ClassificationResult | RegressionResult]
+    train_counts: dict[str, np.ndarray]          # training targets per task (class balance)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    strangers: dict[str, StrangerResult] = field(default_factory=dict)
+
+
+@dataclass
+class TrainOutcome:
+    bundle_uri: str
+    meta: dict
+    metrics: dict
+    photos: int
+    faces: int
+    no_face: int
+    errors: dict[str, int]
+    skipped: dict[str, int]
+    embed_info: dict
+    fit_seconds: float
+    evaluation: Evaluation
+    report_uri: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"photos read:   {self.photos}" + (f" (files skipped: {self.skipped})" if self.skipped else ""),
+               f"faces found:   {self.faces} in {self.photos - self.no_face - sum(self.errors.values())} photos "
+               f"(main face used per photo)",
+               f"no face:       {self.no_face} photos (not used for training)",
+               f"errors:        {', '.join(f'{k} {v}' for k, v in sorted(self.errors.items())) or 'none'}",
+               f"embeddings:    {self.embed_info.get('embedded', 0)} computed, "
+               f"{self.embed_info.get('from_cache', 0)} from cache {self.embed_info.get('cache') or '(no cache)'}",
+               f"fit:           {self.fit_seconds:.1f} s, {self.metrics.get('epochs_run')} epochs on "
+               f"{self.metrics.get('workers')} worker(s), heads {self.metrics.get('heads')}"]
+        for task, m in self.metrics.get("test", {}).items():
+            parts = [f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))]
+            out.append(f"test {task}: " + ", ".join(parts))
+        if "unknown" in self.metrics:
+            out.append("unknown faces: " + ", ".join(f"{t} rejected {v['rejected']:.1%} of {v['faces']}"
+                                                     for t, v in self.metrics["unknown"].items()))
+        out.append(f"model:         {self.bundle_uri} (version {self.meta['model_version']})")
+        if self.report_uri:
+            out.append(f"report:        {self.report_uri}")
+        return out

@@ -1,0 +1,98 @@
+"""Seeded stratified split and target encoding of the usable photos."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.contract import CLASSIFICATION
+from pipeline.heads import TaskSpec
+
+
+def stratified_split(strata: list[str], val_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """'train'/'val'/'test' per row; every stratum keeps at least one training row."""
+    rng = np.random.default_rng(seed)
+    out = np.array(["train"] * len(strata), dtype=object)
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(strata):
+        groups.setdefault(s, []).append(i)
+    carry_v = carry_t = 0.0  # carry rounding remainders so small strata add up to the fractions
+    for s in sorted(groups):
+        idx = np.array(groups[s])
+        rng.shuffle(idx)
+        n = len(idx)
+        want_t, want_v = n * test_frac + carry_t, n * val_frac + carry_v
+        n_t, n_v = int(round(want_t)), int(round(want_v))
+        while n_t + n_v > n - 1 and (n_t or n_v):  # keep one for training
+            if n_t >= n_v and n_t:
+                n_t -= 1
+            else:
+                n_v -= 1
+        carry_t, carry_v = want_t - n_t, want_v - n_v
+        out[idx[:n_t]] = "test"
+        out[idx[n_t:n_t + n_v]] = "val"
+    return out
+
+
+def strata_for(table: pa.Table, tasks: list[tuple[str, str]]) -> list[str]:
+    """Stratify on the first classification task, else on regression quintiles."""
+    cls = [n for n, k in tasks if k == CLASSIFICATION]
+    if cls:
+        return [str(v) for v in table.column(cls[0]).to_pylist()]
+    vals = np.asarray(table.column(tasks[0][0]).to_numpy(zero_copy_only=False), np.float64)
+    finite = vals[np.isfinite(vals)]
+    edges = np.quantile(finite, [0.2, 0.4, 0.6, 0.8]) if len(finite) else []
+    return [("nan" if not np.isfinite(v) else str(int(np.searchsorted(edges, v)))) for v in vals]
+
+
+@dataclass
+class Encoded:
+    """Embeddings and per-task targets (-1 / NaN = missing) of the usable rows."""
+
+    x: np.ndarray
+    y: dict[str, np.ndarray]
+    split: np.ndarray
+    uris: list[str]
+
+    def part(self, name: str) -> "Encoded":
+        m = self.split == name
+        return Encoded(self.x[m], {k: v[m] for k, v in self.y.items()}, self.split[m],
+                       [u for u, keep in zip(self.uris, m) if keep])
+
+
+def encode(table: pa.Table, specs: list[TaskSpec]) -> dict[str, np.ndarray]:
+    """Class indices (-1: no label) or float targets (NaN: none) per task."""
+    y = {}
+    for s in specs:
+        col = table.column(s.name)
+        if s.kind == CLASSIFICATION:
+            lut = {lab: i for i, lab in enumerate(s.labels)}
+            y[s.name] = np.array([lut.get(v, -1) if v is not None else -1 for v in col.to_pylist()], np.int64)
+        else:
+            y[s.name] = np.array([np.nan if v is None else v for v in col.to_pylist()], np.float32)
+    return y
+
+
+def make_specs(tasks: list[tuple[str, str]], table: pa.Table, hidden: int,
+               open_set: list[str] | None) -> list[TaskSpec]:
+    """A TaskSpec per task: labels seen among photos with a face, or the target scaling.
+
+    ``open_set`` None: identity-like task names reject to ``unknown`` (and are exclusive).
+    """
+    from pipeline.contract import UsageError
+    from pipeline.heads import default_open_set, regression_scale
+
+    rejecting = set(open_set) if open_set is not None else {n for n, _ in tasks if default_open_set(n)}
+    specs = []
+    for name, kind in tasks:
+        if kind == CLASSIFICATION:
+            labels = sorted({v for v in table.column(name).to_pylist() if v is not None})
+            if len(labels) < 2:
+                raise UsageError(f"task {name!r} has {len(labels)} label(s) among photos with a face: need ≥ 2")
+            specs.append(TaskSpec(name, kind, labels, hidden=hidden, open_set=name in rejecting,
+                                  exclusive=name in rejecting))
+        else:
+            mean, std = regression_scale(np.asarray(table.column(name).to_numpy(zero_copy_only=False), np.float64))
+            specs.append(TaskSpec(name, kind, hidden=hidden, mean=mean, std=std))
+    return specs

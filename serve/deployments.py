@@ -1,0 +1,163 @@
+"""The Ray Serve deployments behind the HTTP ingress.  Each reuses the batch pipeline's own
+stage, so one photo gets the same numbers online as in the prediction table:
+
+* ``Faces``       — CPU: bytes → decode → detect → align (``pipeline.photos.analyse_photo``).
+* ``Embeddings``  — ``pipeline.embed.Embedder`` behind ``@serve.batch``: chips of concurrent
+  requests share one forward pass.  Asks for a GPU only when the cluster has GPUs.
+* ``Heads``       — ``pipeline.heads.ModelBundle``; ``user_config.model_uri`` picks the bundle,
+  so ``serve deploy`` with a new URI swaps it in place (``reconfigure``) without a restart.
+* ``Predictions`` — a batch prediction table held in memory (``serve.lookup``);
+  ``user_config.table_uri`` picks it.
+
+Settings arrive as a constructor argument (made once in ``build_app``), never read here.
+"""
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from pipeline.contract import CLASSIFICATION
+from pipeline.settings import Settings
+
+
+@serve.deployment(max_ongoing_requests=8)
+class Faces:
+    """Decode, detect and align one photo: the scoring job's CPU stage, unchanged."""
+
+    def __init__(self, settings: Settings) -> None:
+        from pipeline.faces import FaceDetector
+
+        self.settings = settings
+        self.detector = FaceDetector.from_settings(self.settings)
+        self._lock = threading.Lock()  # one detector per replica; Serve runs sync calls in threads
+
+    def analyse(self, data: bytes):
+        from pipeline.photos import analyse_photo
+
+        with self._lock:
+            return analyse_photo(data, self.detector, self.settings.max_pixels, self.settings.max_bytes)
+
+    def check_health(self) -> None:
+        if self.detector is None:
+            raise RuntimeError("no detector")
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Embeddings:
+    """Face chips → 128-d unit embeddings and the built-in attributes (the batch stage's
+    ``FaceModels``); concurrent requests share a forward pass."""
+
+    def __init__(self, settings: Settings, batch_size: int = 32) -> None:
+        from pipeline.predict import FaceModels
+
+        self.models = FaceModels(settings, None, batch_size)
+        self.embedder = self.models.embedder
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def __call__(self, chips: list[np.ndarray]) -> list[tuple[np.ndarray, dict]]:
+        """Per request: (embeddings, {task: (labels, scores)}) of its faces."""
+        sizes = [len(c) for c in chips]
+        emb, preds = await asyncio.to_thread(self.models, np.concatenate(chips), np.zeros(sum(sizes), np.int64))
+        cuts = np.cumsum(sizes)[:-1]
+        per_task = {t: (np.split(v, cuts), np.split(s, cuts)) for t, (v, s) in preds.items()}
+        return [(e, {t: (v[i], s[i]) for t, (v, s) in per_task.items()})
+                for i, e in enumerate(np.split(emb, cuts))]
+
+    def info(self) -> dict[str, Any]:
+        spec = self.embedder.spec
+        return {"backbone": spec.id, "embedding_dim": spec.embedding_dim, "chip_size": spec.geometry.size,
+                "model_id": getattr(self.embedder, "model_id", spec.id),
+                "device": str(getattr(self.embedder, "device", "cpu")),
+                "attributes": [name for name, _ in self.models.tasks]}
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Heads:
+    """The model bundle named by ``user_config.model_uri`` (none: faces without labels)."""
+
+    def __init__(self) -> None:
+        self._state: tuple[str | None, Any] = (None, None)
+
+    def reconfigure(self, config: dict | None) -> None:
+        """Load the new bundle first, then swap it in: requests in flight keep the old one."""
+        uri = (config or {}).get("model_uri") or None
+        if uri is None:
+            self._state = (None, None)
+            return
+        from pipeline.heads import ModelBundle
+
+        self._state = (uri, ModelBundle.load(uri))  # raises: a bad URI fails the deploy loudly
+
+    def predict(self, embeddings: np.ndarray, builtin: dict | None = None
+                ) -> tuple[list[dict[str, dict]], str | None]:
+        """Per face {task: {label, score}} for the faces of ONE photo, and the bundle's version.
+
+        ``builtin``: the attribute predictions made with the embeddings; a bundle task of
+        the same name replaces one (``pipeline.predict.table_tasks``).
+        """
+        from pipeline.predict import table_tasks
+
+        _, bundle = self._state  # one snapshot: labels and version come from the same bundle
+        n = len(embeddings)
+        preds = dict(builtin or {})
+        bundle_tasks = bundle.tasks if bundle is not None else []
+        if bundle is not None and n:
+            preds.update(bundle.predict(embeddings, np.zeros(n, np.int64)))  # one photo: joint identities
+        out: list[dict[str, dict]] = [{} for _ in range(n)]
+        for task, kind in table_tasks(bool(builtin), bundle_tasks):
+            if task not in preds:
+                continue
+            labels, scores = preds[task]
+            for i in range(n):
+                label = str(labels[i]) if kind == CLASSIFICATION else float(labels[i])
+                out[i][task] = {"label": label, "score": float(scores[i])}
+        return out, bundle.model_version if bundle is not None else None
+
+    def info(self) -> dict[str, Any]:
+        uri, bundle = self._state
+        if bundle is None:
+            return {"model_uri": None, "model_version": None, "tasks": []}
+        meta = bundle.meta
+        tasks = [{k: v for k, v in s.to_json().items() if k in ("name", "kind", "labels", "open_set", "exclusive")}
+                 for s in bundle.specs]
+        return {"model_uri": uri, "model_version": bundle.model_version, "tasks": tasks,
+                "created_at": meta.get("created_at"), "backbone": meta.get("backbone"),
+                "metrics": meta.get("metrics")}
+
+
+@serve.deployment(max_ongoing_requests=32)
+class Predictions:
+    """A batch prediction table (``user_config.table_uri``) indexed in memory."""
+
+    def __init__(self) -> None:
+        self._state: tuple[tuple[str | None, bool], Any] = ((None, False), None)
+
+    def reconfigure(self, config: dict | None) -> None:
+        config = config or {}
+        key = (config.get("table_uri") or None, bool(config.get("embeddings", False)))
+        if key[0] is None:
+            self._state = (key, None)
+            return
+        from serve.lookup import PredictionIndex
+
+        self._state = (key, PredictionIndex.load(key[0], embeddings=key[1]))
+
+    def query(self, image_uri: str | None, filters: dict[str, str], limit: int, offset: int,
+              embeddings: bool) -> dict[str, Any]:
+        from serve.lookup import TableError
+
+        index = self._state[1]
+        if index is None:
+            return {"error": "no prediction table configured (Predictions user_config table_uri)", "status": 404}
+        try:
+            page = index.query(image_uri, filters, limit, offset, embeddings)
+        except TableError as exc:
+            return {"error": str(exc), "status": 400}
+        return {"rows": page.rows, "total": page.total, "offset": page.offset, "limit": page.limit,
+                "next_offset": page.next_offset, "table_uri": index.uri}
+
+    def info(self) -> dict[str, Any] | None:
+        index = self._state[1]
+        return None if index is None else index.describe()
