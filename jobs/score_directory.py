@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU actors for decode/detect/crop (default: from the cluster; without GPUs they embed too)")
     p.add_argument("--embed-actors", type=positive_int,
                    help="embedding actors (default: one per GPU; without GPUs, none: the crop actors embed)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="face networks' precision (default auto: bf16 where the CPU/GPU has it natively, "
+                        "else fp32 on CPU, fp16 on GPU; env FACERAY_PRECISION)")
     p.add_argument("--device-batch", type=positive_int, help="faces per forward pass (default 256 GPU, 32 CPU)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
@@ -52,9 +55,10 @@ def _score(args: argparse.Namespace) -> int:
     from pipeline.settings import Settings
 
     settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
-                                 attributes=False if args.no_attributes else None)
+                                 attributes=False if args.no_attributes else None, precision=args.precision)
     init_ray(args.ray_address, args.num_cpus)
-    plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch)
+    plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch,
+                          precision=settings.precision)
     summary = score(args.input, args.output, args.model, args.limit, args.resume, settings, plan,
                     flip_tta=args.flip_tta)
     print("\n".join(["", "== faceray score_directory summary", *summary.lines()]))

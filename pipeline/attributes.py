@@ -30,6 +30,7 @@ from torch import nn
 from pipeline.contract import ModelFileError
 from pipeline.embed import _ray_cpus
 from pipeline.geometry import DLIB_CHIP
+from pipeline.precision import PrecisionChoice, choose
 
 ATTRIBUTE_TASKS: tuple[tuple[str, str], ...] = (("age", "regression"), ("gender", "classification"),
                                                 ("emotion", "classification"))
@@ -424,12 +425,15 @@ class AttributeOutput:
 
 class AttributeNets:
     """``AttributeNets()(chips)``: uint8 N×128×128×3 RGB chips (``DLIB_CHIP``) → age,
-    gender and emotion.  One instance per process (sets torch's thread count on CPU)."""
+    gender and emotion.  One instance per process (sets torch's thread count on CPU).
+
+    ``precision``: as ``Embedder``'s ("fp32" here by default; the pipeline passes
+    ``Settings.precision``).  The resampling stays float32; the networks run in it."""
 
     inputs: Mapping[str, NetInput] = {"age": CYDRAL_AGE_INPUT, "gender": CYDRAL_GENDER_INPUT, "emotion": FER_INPUT}
 
     def __init__(self, device: str | torch.device | None = None, batch_size: int = 32, threads: int | None = None,
-                 model_paths: Mapping[str, str] | None = None) -> None:
+                 model_paths: Mapping[str, str] | None = None, precision: str = "fp32") -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = max(1, int(batch_size))
         if self.device.type == "cpu":
@@ -443,8 +447,12 @@ class AttributeNets:
                                       "gender": CydralGenderNet().load(paths["gender"]),
                                       "emotion": MiniXception().load(paths["emotion"])}
         for net in nets.values():
-            _flush_denormals(net)
+            _flush_denormals(net)       # before the cast: bf16 keeps fp32's exponent range (and subnormals)
+        self.precision: PrecisionChoice = choose(precision, self.device.type)
+        self._cast = self.device.type == "cpu" and self.precision.reduced
         self.nets = {k: m.to(self.device, memory_format=torch.channels_last).eval() for k, m in nets.items()}
+        if self._cast:                  # CPU: weights cast once (autocast re-casts them every call)
+            self.nets = {k: m.to(self.precision.dtype) for k, m in self.nets.items()}
         self._age_bins = torch.from_numpy(AGE_BINS).to(self.device)
         self._fer_order = torch.tensor(FER_TO_FACERAY, device=self.device)
         self._labels = {"gender": GENDER_LABELS, "emotion": EMOTION_LABELS}
@@ -479,9 +487,10 @@ class AttributeNets:
         probs, feats = {}, {}
         for task, net in self.nets.items():
             inp = resample(x, self.inputs[task]).contiguous(memory_format=torch.channels_last)
-            if self.device.type == "cuda":
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-                with torch.autocast("cuda", dtype=dtype):
+            if self._cast:
+                logits, feat = net(inp.to(self.precision.dtype))
+            elif self.device.type == "cuda" and self.precision.reduced:
+                with torch.autocast("cuda", dtype=self.precision.dtype):
                     logits, feat = net(inp)
             else:
                 logits, feat = net(inp)

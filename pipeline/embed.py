@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.backbone import DLIB_RESNET, BackboneSpec, load_backbone
+from pipeline.precision import PrecisionChoice, choose
 
 
 def _ray_cpus() -> int | None:
@@ -34,12 +35,16 @@ def _ray_cpus() -> int | None:
 
 class Embedder:
     """``Embedder()(chips)``: uint8 N×128×128×3 RGB (aligned with ``spec.geometry``) →
-    float32 N×128, L2-normalised.  One instance per process; not thread-safe."""
+    float32 N×128, L2-normalised.  One instance per process; not thread-safe.
+
+    ``precision``: "fp32" (the default here: the exact network), "bf16", "fp16" or "auto"
+    (``pipeline.precision.choose``; the pipeline passes ``Settings.precision``, "auto")."""
 
     spec: BackboneSpec = DLIB_RESNET
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                 flip_tta: bool = False, batch_size: int = 32, threads: int | None = None) -> None:
+                 flip_tta: bool = False, batch_size: int = 32, threads: int | None = None,
+                 precision: str = "fp32") -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.flip_tta = flip_tta
         self.batch_size = max(1, int(batch_size))
@@ -50,8 +55,12 @@ class Embedder:
         model, digest = load_backbone(weights)
         self.weights_sha256 = digest
         self.model_id = f"{self.spec.id}@{digest[:12]}" + ("+flip" if flip_tta else "")
-        # channels_last is 1.3-1.5x faster for this net on CPU (notes §5.1), and good on GPU.
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.precision: PrecisionChoice = choose(precision, self.device.type)
+        # channels_last is 1.3-1.5x faster for this net on CPU (notes §5.1), and good on GPU;
+        # with bf16 on CPU 2.5x more (NCHW bf16 gains only 1.6x: benchmarks/README, precision).
+        model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self._cast = self.device.type == "cpu" and self.precision.reduced
+        self.model = model.to(self.precision.dtype) if self._cast else model
         self.net_input = self.spec.geometry.net_input
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
@@ -79,10 +88,11 @@ class Embedder:
         return emb.cpu().numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
+        if self._cast:          # CPU bf16/fp16: weights cast at load, the input here
+            y = self.model(x.to(self.precision.dtype))
+        elif self.device.type == "cuda" and self.precision.reduced:
+            with torch.autocast("cuda", dtype=self.precision.dtype):
                 y = self.model(x)
         else:
-            y = self.model(x)   # fp32: bf16 is 4-6x slower on CPUs without AMX/AVX512-BF16
+            y = self.model(x)   # fp32; "auto" picks bf16 on CPU only where it is native
         return F.normalize(y.float(), dim=1)

@@ -36,12 +36,14 @@ class FaceModels:
                  flip_tta: bool = False, attributes: bool | None = None) -> None:
         from pipeline.embed import Embedder
 
-        self.embedder = Embedder(settings.weights, flip_tta=flip_tta, batch_size=device_batch)
+        self.embedder = Embedder(settings.weights, flip_tta=flip_tta, batch_size=device_batch,
+                                 precision=settings.precision)
         self.attributes = None
         if settings.attributes if attributes is None else attributes:
             from pipeline.attributes import AttributeNets
 
-            self.attributes = AttributeNets(self.embedder.device, batch_size=device_batch)
+            self.attributes = AttributeNets(self.embedder.device, batch_size=device_batch,
+                                            precision=settings.precision)
         self.bundle = None
         if model_uri:
             from pipeline.heads import ModelBundle

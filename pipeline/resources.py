@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.precision import describe_for_plan
+
 
 #: Clusters with at most this many CPUs get fractional CPU requests: whole-CPU actors plus
 #: a write task (or a Serve app next to a job) on 2 CPUs make Ray wait forever.
@@ -32,6 +34,7 @@ class Plan:
     embed_batch: int          # photos per embed call
     device_batch: int         # faces per forward pass
     write_cpus: float
+    precision: str = "auto"   # Settings.precision; the plan line says what it resolves to
 
     @property
     def fused(self) -> bool:
@@ -41,14 +44,17 @@ class Plan:
         head = f"cluster {self.cpus:g} CPU / {self.gpus:g} GPU: "
         if self.fused:
             return (head + f"{self.crop_actors} actors × {self.crop_cpus:g} CPU, each decode → detect → "
-                    f"crop → embed, {self.crop_batch} photos per call, {self.device_batch} faces per forward")
+                    f"crop → embed, {self.crop_batch} photos per call, {self.device_batch} faces per forward, "
+                    + describe_for_plan(self.precision, gpus=False))
         where = f"{self.embed_actors}×GPU" if self.embed_gpus else f"{self.embed_actors}×CPU"
         return (head + f"crop {self.crop_actors} actors × {self.crop_cpus:g} CPU, embed {where} actors, "
-                f"batches {self.crop_batch}/{self.embed_batch} photos, {self.device_batch} faces per forward")
+                f"batches {self.crop_batch}/{self.embed_batch} photos, {self.device_batch} faces per forward, "
+                + describe_for_plan(self.precision, gpus=bool(self.embed_gpus)))
 
 
 def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
-                   embed_actors: int | None = None, device_batch: int | None = None) -> Plan:
+                   embed_actors: int | None = None, device_batch: int | None = None,
+                   precision: str = "auto") -> Plan:
     """Split the cluster between the CPU crop stage and the embedding stage.
 
     Without GPUs the two stages are fused into one actor per core (unless ``embed_actors``
@@ -65,7 +71,7 @@ def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
         n = crop_actors or max(1, int(cpus) if small else int(cpus - write_cpus))
         per = max(0.1, math.floor((cpus - write_cpus) / n * 100) / 100) if small else 1.0
         return Plan(cpus, gpus, n, per, 0, 0.0, 0.0, crop_batch=8, embed_batch=8,
-                    device_batch=device_batch or 32, write_cpus=write_cpus)
+                    device_batch=device_batch or 32, write_cpus=write_cpus, precision=precision)
     if gpus >= 1:
         n_embed = embed_actors or int(gpus)
         embed_cpus, embed_gpus, dev_batch = 1.0, 1.0, device_batch or 256
@@ -76,7 +82,7 @@ def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
     n_crop = crop_actors or max(1, int(free // crop_cpus))
     return Plan(cpus, gpus, n_crop, crop_cpus, n_embed, embed_cpus, embed_gpus,
                 crop_batch=8, embed_batch=64 if embed_gpus else 32, device_batch=dev_batch,
-                write_cpus=write_cpus)
+                write_cpus=write_cpus, precision=precision)
 
 
 def serve_actor_options(resources: dict[str, float]) -> dict[str, dict[str, float]]:
