@@ -1,6 +1,8 @@
 """What the jobs' command lines share: argument types (bad values → argparse usage
 errors) and the one rule for errors: misuse (``UsageError``) prints one line and exits 2,
-anything else is a bug and keeps its traceback (non-zero exit)."""
+anything else is a bug and keeps its traceback (non-zero exit); SIGINT or SIGTERM stops the
+work (``pipeline/stopping.py``), prints what was done and how to resume, stops the local Ray
+the job started and exits 130 / 143."""
 from __future__ import annotations
 
 import argparse
@@ -18,13 +20,47 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_job(prog: str, work: Callable[[], int]) -> int:
-    """``work()``'s exit code; a ``UsageError`` becomes ``prog: error: <first line>`` and 2."""
+def run_job(prog: str, work: Callable[[], int], resume: str | None = None) -> int:
+    """``work()``'s exit code; a ``UsageError`` becomes ``prog: error: <first line>`` and 2;
+    a stop (SIGINT / SIGTERM) becomes 130 / 143 with ``resume`` (how to continue) printed."""
+    from pipeline import stopping
     from pipeline.contract import UsageError
 
+    stopping.install()
     try:
         return work()
     except UsageError as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"{prog}: error: {text}", file=sys.stderr)
         return 2
+    except stopping.Stopped as stop:
+        _stopped(prog, stop, resume)  # does not return
+        raise
+    except BaseException:
+        if stopping.requested() is None:
+            raise
+        # a signal to the whole process group can fail Ray's side first (a worker died)
+        _stopped(prog, stopping.Stopped(stopping.requested()), resume)
+        raise
+    finally:
+        stopping.uninstall()
+
+
+def _stopped(prog: str, stop, resume: str | None) -> None:  # noqa: ANN001
+    """Report a stop, stop what this process started, exit 128 + signal (no Ray atexit
+    hooks: they could wait on a Ray that is gone)."""
+    import os
+
+    from pipeline import runtime, stopping
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    say(f"\n{prog}: stopped by {stop.name} after {stopping.seconds():.1f} s")
+    for line in stop.done:
+        say(f"  {line}")
+    say(f"  to resume: {resume}" if resume else "  nothing to resume: run the same command again")
+    runtime.stop_ray(log=lambda m: say(f"  {m}"))
+    say(f"{prog}: exit {stop.code}")
+    sys.stdout.flush()
+    os._exit(stop.code)

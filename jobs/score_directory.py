@@ -15,6 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from jobs.cli import positive_int, run_job  # noqa: E402
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="score_directory.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="face networks' precision (default auto: bf16 where the CPU/GPU has it natively, "
                         "else fp32 on CPU, fp16 on GPU; env FACERAY_PRECISION)")
     p.add_argument("--device-batch", type=positive_int, help="faces per forward pass (default 256 GPU, 32 CPU)")
+    p.add_argument("--file-photos", type=positive_int,
+                   help="close (commit) a part file every N photos (default 2000)")
+    p.add_argument("--file-seconds", type=_seconds,
+                   help="… or every S seconds, whichever first (default 30): what a crash can lose")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
     return p.parse_args(argv)
@@ -43,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_job("score_directory", lambda: _score(args))
+    from pipeline.stopping import resume_command
+
+    return run_job("score_directory", lambda: _score(args), resume=resume_command("--resume"))
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -59,8 +75,11 @@ def _score(args: argparse.Namespace) -> int:
     init_ray(args.ray_address, args.num_cpus)
     plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch,
                           precision=settings.precision)
+    from pipeline.parts import FILE_PHOTOS, FILE_SECONDS
+
     summary = score(args.input, args.output, args.model, args.limit, args.resume, settings, plan,
-                    flip_tta=args.flip_tta)
+                    flip_tta=args.flip_tta, file_photos=args.file_photos or FILE_PHOTOS,
+                    file_seconds=args.file_seconds or FILE_SECONDS)
     print("\n".join(["", "== faceray score_directory summary", *summary.lines()]))
     return 0
 

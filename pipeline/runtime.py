@@ -10,17 +10,26 @@ bundle in the driver).
 from __future__ import annotations
 
 import os
+import time
 
 import torch  # noqa: F401  (see above: before ray)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster a job was submitted to, or start a local one bound to 127.0.0.1."""
+_started_local = False  # this process started the Ray it is connected to
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the cluster a job was submitted to, or start a local one bound to 127.0.0.1;
+    True when this call started Ray (then :func:`stop_ray` stops it)."""
+    global _started_local
     import ray
 
+    from pipeline import stopping
+
     if ray.is_initialized():
-        return
-    if not (address or os.environ.get("RAY_ADDRESS")):
+        return False
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
         # A Ray we start listens on 127.0.0.1 only.  Ray reads this variable once, when it
         # is first imported (which has happened by now), so the constant is set as well;
         # child processes (GCS, raylet, workers) read the variable.  Never for a cluster
@@ -34,3 +43,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if num_cpus is not None and not address:
         kwargs["num_cpus"] = num_cpus
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    _started_local = local
+    stopping.reinstall()  # ray.init replaced the SIGTERM handler of a job
+    return local
+
+
+def started_local() -> bool:
+    return _started_local
+
+
+def stop_ray(timeout: float = 5.0, log=print) -> None:
+    """After a stop: disconnect from Ray; a local Ray this process started is stopped, with
+    every process this one started (leftovers killed by PID).  A joined cluster keeps
+    running: only this driver's own actors and tasks end with it."""
+    global _started_local
+    import ray
+
+    from pipeline import stopping
+
+    t0 = time.monotonic()
+    ours = stopping.descendants(os.getpid())
+    clean = stopping.bounded(ray.shutdown, timeout) if ray.is_initialized() else True
+    left = [p for p in ours if stopping.alive(p)]
+    killed = stopping.kill_tree(left, grace=2.0) if left else []
+    what = "local Ray stopped" if _started_local else "disconnected from the Ray cluster (left running)"
+    if not clean:
+        what += f" (ray.shutdown did not finish in {timeout:g} s)"
+    if killed:
+        what += f", {len(killed)} leftover process(es) killed"
+    _started_local = False
+    log(f"{what} in {time.monotonic() - t0:.1f} s")

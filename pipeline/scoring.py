@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline import storage, table
+from pipeline import stopping, storage, table
+from pipeline.parts import FILE_PHOTOS, FILE_SECONDS, PartWriter
 from pipeline.resources import Plan, plan_resources
 from pipeline.predict import table_tasks
 from pipeline.settings import Settings
@@ -49,7 +50,8 @@ def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise storage.StorageError(f"cannot read output {output}: {exc}") from exc
-    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+             and not storage.is_hidden(i.path)]  # not _side files nor .inprogress ones
     if not files:
         return set(), None
     ds = pads.dataset(files, filesystem=fs, format="parquet")
@@ -58,9 +60,9 @@ def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
 
 def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: int | None = None,
           resume: bool = False, settings: Settings | None = None, plan: Plan | None = None,
-          flip_tta: bool = False, log=print) -> Summary:
+          flip_tta: bool = False, log=print, file_photos: int = FILE_PHOTOS,
+          file_seconds: float = FILE_SECONDS) -> Summary:
     import ray
-    from ray.data.datasource import FilenameProvider
 
     from pipeline.stages import face_dataset
 
@@ -100,13 +102,26 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
     fs, out_path = storage.resolve(output_uri)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     ds = face_dataset(manifest, input_uri, settings, plan, model_uri, flip_tta)
-    ds.write_parquet(
-        out_path, filesystem=fs, min_rows_per_file=50_000,
-        filename_provider=FilenameProvider(dataset_uuid=f"{PART_PREFIX}{run_id}", file_format="parquet"),
-        ray_remote_args={"num_cpus": plan.write_cpus})
+    _write(ds, PartWriter(fs, out_path, f"{PART_PREFIX}{run_id}", file_photos, file_seconds),
+           manifest.num_rows, skipped, output_uri)
     summary.seconds = time.monotonic() - started
     _fill_summary(summary, fs, out_path, run_id)
     return summary
+
+
+def _write(ds, writer: PartWriter, todo: int, skipped: int, output_uri: str) -> None:  # noqa: ANN001
+    """Drive the plan from here, committing part files as blocks arrive (see pipeline/parts.py);
+    on a stop, commit what has arrived and say so on the way out."""
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            writer.add(block)
+        writer.commit()
+    except stopping.Stopped as stop:
+        writer.commit()
+        stop.done.append(f"photos scored and committed: {writer.photos} of {todo}"
+                         + (f" (plus {skipped} already in the output)" if skipped else ""))
+        stop.done.append(f"output: {output_uri} ({len(writer.files)} new complete files, {writer.rows} rows)")
+        raise
 
 
 def _fill_summary(summary: Summary, fs: pafs.FileSystem, out_path: str, run_id: str) -> None:

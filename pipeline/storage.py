@@ -116,3 +116,33 @@ def check_writable(uri: str) -> None:
         fs.create_dir(path, recursive=True)
     except OSError as exc:
         raise StorageError(f"cannot write output {uri}: {exc}") from exc
+
+
+def is_hidden(path: str) -> bool:
+    """Side and in-progress files (``_*``, ``.*``) are no part of a table."""
+    return os.path.basename(path.rstrip("/")).startswith(("_", "."))
+
+
+def put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that a reader sees all of it or nothing: locally under a
+    hidden ``.<name>.inprogress`` name renamed into place; on S3 in one upload (an object
+    exists only once its upload completes).  A first SIGINT/SIGTERM waits until it is done."""
+    from pipeline import stopping
+
+    with stopping.deferred():
+        if isinstance(fs, pafs.S3FileSystem):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        head, name = os.path.split(path)
+        tmp = os.path.join(head, f".{name}.inprogress")
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            try:
+                fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
