@@ -52,11 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="… or every S seconds, whichever first (default 30): what a crash can lose")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
+    from pipeline.progress import add_arguments
+
+    add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.command = None if argv is None else " ".join(["score_directory.py", *argv])  # else sys.argv
     from pipeline.stopping import resume_command
 
     return run_job("score_directory", lambda: _score(args), resume=resume_command("--resume"))
@@ -72,14 +76,15 @@ def _score(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
                                  attributes=False if args.no_attributes else None, precision=args.precision)
-    init_ray(args.ray_address, args.num_cpus)
+    init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
     plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch,
                           precision=settings.precision)
     from pipeline.parts import FILE_PHOTOS, FILE_SECONDS
 
     summary = score(args.input, args.output, args.model, args.limit, args.resume, settings, plan,
                     flip_tta=args.flip_tta, file_photos=args.file_photos or FILE_PHOTOS,
-                    file_seconds=args.file_seconds or FILE_SECONDS)
+                    file_seconds=args.file_seconds or FILE_SECONDS, progress_every=args.progress_every,
+                    command=args.command)
     print("\n".join(["", "== faceray score_directory summary", *summary.lines()]))
     return 0
 

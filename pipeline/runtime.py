@@ -18,9 +18,10 @@ import torch  # noqa: F401  (see above: before ray)
 _started_local = False  # this process started the Ray it is connected to
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> bool:
     """Join the cluster a job was submitted to, or start a local one bound to 127.0.0.1;
-    True when this call started Ray (then :func:`stop_ray` stops it)."""
+    True when this call started Ray (then :func:`stop_ray` stops it).  Ray's own INFO
+    noise stays out of the job's output unless ``verbose`` (``progress.quiet_ray``)."""
     global _started_local
     import ray
 
@@ -39,7 +40,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {"address": address, "log_to_driver": True}
+    from pipeline.progress import quiet_ray
+
+    kwargs: dict = {"address": address, **quiet_ray(verbose)}
     if num_cpus is not None and not address:
         kwargs["num_cpus"] = num_cpus
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})

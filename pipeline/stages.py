@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 
 from pipeline import table
 from pipeline.contract import DECODE_ERROR, READ_ERROR
+from pipeline.progress import report_batch
 from pipeline.resources import Plan
 from pipeline.settings import Settings
 from pipeline.storage import read_bytes
@@ -76,15 +77,21 @@ class EmbedStage:
     or with ``main_only`` one row per photo with its main face's embedding (training)."""
 
     def __init__(self, settings: Settings, model_uri: str | None = None, device_batch: int = 32,
-                 flip_tta: bool = False, main_only: bool = False) -> None:
+                 flip_tta: bool = False, main_only: bool = False, progress=None) -> None:
         from pipeline.predict import FaceModels
 
         # training embeds main faces only: no attributes, no bundle
         self.models = FaceModels(settings, None if main_only else model_uri, device_batch, flip_tta,
                                  attributes=False if main_only else None)
         self.main_only = main_only
+        self.progress = progress  # a progress.ProgressBoard handle: finished batches are reported to it
 
     def __call__(self, photos: pa.Table) -> pa.Table:
+        out = self._rows(photos)
+        report_batch(self.progress, photos)  # fire and forget, after the batch's work is done
+        return out
+
+    def _rows(self, photos: pa.Table) -> pa.Table:
         chips = table.photo_chips(photos, self.models.embedder.spec.geometry.size, self.main_only)
         if self.main_only:
             return table.main_face_rows(photos, self.models.embedder(chips))
@@ -98,19 +105,21 @@ class FaceStage:
     chain, so neither half idles waiting for the other whatever the faces per photo."""
 
     def __init__(self, filesystem: pafs.FileSystem, settings: Settings, model_uri: str | None = None,
-                 device_batch: int = 32, flip_tta: bool = False, main_only: bool = False) -> None:
+                 device_batch: int = 32, flip_tta: bool = False, main_only: bool = False, progress=None) -> None:
         self.crop = CropStage(filesystem, settings)
-        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only)
+        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only, progress)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.embed(self.crop(batch))
 
 
 def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: Plan,
-                 model_uri: str | None = None, flip_tta: bool = False, main_only: bool = False):
+                 model_uri: str | None = None, flip_tta: bool = False, main_only: bool = False,
+                 progress=None):
     """The Ray Data plan scoring and training share: manifest → crop actors → embed actors
     (or one fused pool without GPUs), as a dataset of prediction-table rows (or, with
-    ``main_only``, of ``table.MAIN_FACE_SCHEMA`` rows)."""
+    ``main_only``, of ``table.MAIN_FACE_SCHEMA`` rows).  ``progress``: a
+    ``progress.ProgressBoard`` handle the embed stage reports each finished batch to."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -123,7 +132,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     fs = resolve(input_uri)[0]
     if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
         return ds.map_batches(
-            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta, main_only),
+            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta, main_only, progress),
             batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
             compute=ActorPoolStrategy(size=plan.crop_actors))
     ds = ds.map_batches(
@@ -131,7 +140,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
         batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
     return ds.map_batches(
-        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only),
+        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only, progress),
         batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
         num_gpus=plan.embed_gpus or None,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))
