@@ -5,11 +5,17 @@ report.html) to --output.
     python jobs/train_classifier.py --data ../shared/data/identities --output models/people
     python jobs/train_classifier.py --data s3://bucket/utkface --layout utk --task age,gender --output s3://bucket/models/utk
     ray job submit --working-dir . -- python jobs/train_classifier.py --data … --output … --workers 4 --use-gpu
+    python jobs/train_classifier.py --layout people --data people/ --names names.csv --output models/family
 
 Photos go through the scoring job's crop and embed stages; each photo contributes its
 main face, photos without a face are counted and reported.  Embeddings are cached
 (--cache) so a retrain with other settings does not re-embed.  Fine-tuning the backbone
 (--finetune) is not implemented: the heads are trained on frozen embeddings.
+
+--layout people: --data is a cluster_faces.py output and --names a CSV (person,name);
+every face of a named person trains the identity task under that name, with the
+embeddings of the table it was clustered from (no photo is read again); unnamed people
+are the strangers the open-set rule learns to reject.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
 from jobs.cli import positive_int, run_job  # noqa: E402
+
+PEOPLE_TARGET_FRR = 0.03   # people layout: known faces rejected at most, strangers rejected as many as possible
 
 
 def _fraction(text: str) -> float:
@@ -46,10 +54,13 @@ def _weights(text: str) -> dict[str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train_classifier.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="labelled photos: folder or s3://bucket/prefix")
+    p.add_argument("--data", required=True, help="labelled photos: folder or s3://bucket/prefix "
+                                                 "(--layout people: a cluster_faces.py output)")
     p.add_argument("--output", required=True, help="model bundle: folder or s3://bucket/prefix")
-    p.add_argument("--layout", choices=("folders", "csv", "utk"), default="folders",
-                   help="folders: <root>/<label>/<img>; csv: <root>/index.csv; utk: UTKFace names")
+    p.add_argument("--layout", choices=("folders", "csv", "utk", "people"), default="folders",
+                   help="folders: <root>/<label>/<img>; csv: <root>/index.csv; utk: UTKFace names; "
+                        "people: named people of a cluster_faces.py output (with --names)")
+    p.add_argument("--names", help="--layout people: CSV (local or s3://) with columns person,name")
     p.add_argument("--task", help="folders: the task's name (default identity); csv/utk: tasks to train, "
                                   "comma-separated (default all)")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers (default 2)")
@@ -67,8 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task-weights", type=_weights, default={}, help="loss weight per task, e.g. age=0.5,gender=1")
     p.add_argument("--open-set", help="tasks with 'unknown' rejection, comma-separated "
                                       "(default: identity-like names: identity, person, name); 'none' for none")
-    p.add_argument("--target-frr", type=float, default=0.02,
-                   help="share of known validation faces the open-set rule may reject (default 0.02)")
+    p.add_argument("--target-frr", type=float, default=None,
+                   help="share of known validation faces the open-set rule may reject (default 0.02; "
+                        f"{PEOPLE_TARGET_FRR} with --layout people, where strangers set the thresholds)")
     p.add_argument("--unknown", help="faces of people NOT in --data (folder/s3): report how many are rejected")
     p.add_argument("--cache", help="embedding cache folder or s3:// prefix (default ~/.cache/faceray/embeddings)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from a checkpoint")
@@ -94,8 +106,10 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.runtime import init_ray
     from pipeline.settings import Settings
     from pipeline.training.config import TrainConfig
+    from pipeline.training.people import check_flags
     from pipeline.training.run import train
 
+    check_flags(args.layout, args.names)   # before starting Ray: misuse answers at once
     settings = Settings()
     open_set = None
     if args.open_set:
@@ -103,13 +117,15 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(workers=args.workers, use_gpu=args.use_gpu, epochs=args.epochs, patience=args.patience,
                       head=args.head, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
                       val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
-                      task_weights=args.task_weights, open_set=open_set, target_frr=args.target_frr,
+                      task_weights=args.task_weights, open_set=open_set,
+                      target_frr=args.target_frr if args.target_frr is not None
+                      else PEOPLE_TARGET_FRR if args.layout == "people" else TrainConfig.target_frr,
                       max_failures=args.max_failures)
     cache = args.cache or str(Path(settings.cache_dir) / "embeddings")
     init_ray(args.ray_address, args.num_cpus)
     outcome = train(args.data, args.output, args.layout, args.task, cfg, settings, cache_uri=cache,
                     unknown_uri=args.unknown, report=not args.no_report,
-                    keep_checkpoints=args.keep_checkpoints)
+                    keep_checkpoints=args.keep_checkpoints, names_uri=args.names)
     print("\n".join(["", "== faceray train_classifier summary", *outcome.lines()]))
     return 0
 

@@ -170,6 +170,66 @@ def calibrate_open_set(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, centro
                               float((impostor > max_dist).mean()) if len(y) else 0.0)
 
 
+@dataclass
+class StrangerCalibration(OpenSetCalibration):
+    """Thresholds picked against faces of real strangers (``est_unknown_reject`` is then
+    measured on them, not estimated)."""
+
+    strangers: int = 0                        # validation stranger faces used
+    target_stranger_reject: float = 0.95
+
+
+def _nearest_acceptable(probs: np.ndarray, dist: np.ndarray, min_prob: float) -> np.ndarray:
+    """Per face the smallest centroid distance among labels with probability ≥ min_prob
+    (inf when none): the face is accepted iff that is ≤ max_dist (the single-face rule of
+    :meth:`ModelBundle.decide`)."""
+    return np.where(probs >= min_prob, dist, np.inf).min(axis=1) if probs.shape[1] else np.full(len(probs), np.inf)
+
+
+def calibrate_with_strangers(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, centroids: np.ndarray,
+                             s_probs: np.ndarray, s_emb: np.ndarray, target_frr: float = 0.03,
+                             target_stranger_reject: float = 0.95) -> StrangerCalibration:
+    """Thresholds that reject at most ``target_frr`` of the known validation faces and, under
+    that budget, as many validation strangers (faces of unnamed people) as possible.
+
+    Why not :func:`calibrate_open_set`: its impostors are known faces seen from the wrong
+    centroid, a guess at what strangers look like; with real strangers at hand the
+    trade-off is measured instead.  For each candidate ``min_prob`` (a grid spending 0 to
+    all of the budget on it) the tightest ``max_dist`` within the budget is found exactly
+    from the sorted known distances; the pair rejecting most strangers wins (ties: fewer
+    known rejected).  ``max_dist`` is then moved halfway to the next stranger distance, a
+    margin for known faces that costs no validation stranger.
+    """
+    d_known = cosine_distance(emb, centroids)
+    d_str = cosine_distance(s_emb, centroids)
+    n = len(y)
+    allowed = int(np.floor(target_frr * n))
+    top = probs.max(axis=1)
+    grid = {0.0, *np.quantile(top, np.linspace(0, target_frr, 7)).tolist(), 0.3, 0.5, 0.7, 0.9}
+    best: tuple | None = None
+    for m in sorted(grid):
+        dk = np.sort(_nearest_acceptable(probs, d_known, m))
+        t = dk[n - 1 - allowed]
+        if not np.isfinite(t):
+            continue                                   # min_prob alone spends more than the budget
+        ds = _nearest_acceptable(s_probs, d_str, m)
+        s_rej = float((ds > t).mean()) if len(ds) else 0.0
+        k_rej = float((dk > t).mean())
+        key = (s_rej, -k_rej, -m)
+        if best is None or key > best[0]:
+            above = ds[np.isfinite(ds) & (ds > t)]
+            t_out = float((t + above.min()) / 2) if len(above) else float(t)
+            best = (key, m, t_out)
+    if best is None:   # cannot happen with min_prob 0 (every face has a finite distance); be safe
+        c = calibrate_open_set(probs, emb, y, centroids, target_frr)
+        return StrangerCalibration(c.min_prob, c.max_dist, c.val_known_reject, c.est_unknown_reject,
+                                   len(s_emb), target_stranger_reject)
+    _, m, t = best
+    k_rej = float((_nearest_acceptable(probs, d_known, m) > t).mean()) if n else 0.0
+    s_rej = float((_nearest_acceptable(s_probs, d_str, m) > t).mean()) if len(s_emb) else 0.0
+    return StrangerCalibration(float(m), float(t), k_rej, s_rej, len(s_emb), target_stranger_reject)
+
+
 def assign_exclusive(probs: np.ndarray, acceptable: np.ndarray, photo_ids: np.ndarray) -> np.ndarray:
     """Per photo, distinct labels maximising the joint log-probability; -1 = unknown.
 

@@ -4,8 +4,10 @@ embedded as base64 so the report can be copied or served from S3 as one object).
 Per classification task: confusion matrix, per-class precision/recall/F1, class
 distribution true vs predicted, open-set rejection, and the most confident mistakes as
 face thumbnails.  Per regression task: predicted vs true and the error histogram.  The
-thumbnails are the main-face chips of the few photos concerned, cut again by the shared
-CPU stage (``pipeline.photos.analyse_photo``), so the report needs no stored chips.
+thumbnails are the chips of the few faces concerned, cut again from their photos by the
+shared CPU stage (``pipeline.photos.analyse_photo``), so the report needs no stored chips:
+the photo's main face, or the face the result names by index (people layout, where an
+example is any face of a photo).
 """
 from __future__ import annotations
 
@@ -65,8 +67,13 @@ def _plt():
     return plt
 
 
+def _face_key(d: ClassificationResult, i: int) -> tuple[str, int | None]:
+    """The thumbnail key of result row ``i``: its photo and face (None: the main face)."""
+    return d.uris[i], (int(d.faces[i]) if d.faces is not None else None)
+
+
 def _classification_section(name: str, labels: list[str], d: ClassificationResult, train_y: np.ndarray,
-                            thumbs: dict[str, str], spec) -> str:
+                            thumbs: dict[tuple[str, int | None], str], spec) -> str:
     plt = _plt()
     n = len(labels)
     true, pred = d.true, d.pred
@@ -114,8 +121,8 @@ def _classification_section(name: str, labels: list[str], d: ClassificationResul
     wrong = wrong[np.argsort(-prob[wrong, pred[wrong]])][:8]
     cells = []
     for i in wrong:
-        uri = d.uris[i]
-        img = f'<img src="data:image/png;base64,{thumbs[uri]}" width="96">' if uri in thumbs else "(no thumbnail)"
+        uri, key = d.uris[i], _face_key(d, i)
+        img = f'<img src="data:image/png;base64,{thumbs[key]}" width="96">' if key in thumbs else "(no thumbnail)"
         cells.append(f"<figure>{img}<figcaption>true <b>{html.escape(labels[true[i]])}</b><br>predicted "
                      f"<b>{html.escape(labels[pred[i]])}</b> p={prob[i, pred[i]]:.2f}<br>"
                      f"<small>{html.escape(uri.rsplit('/', 1)[-1])}</small></figcaption></figure>")
@@ -163,26 +170,33 @@ def _curves(history: list[dict]) -> str:
     return f"<h2>training</h2>{_img(_png(fig), 'learning curves')}"
 
 
-def thumbnails(uris: list[str], data_uri: str, settings: "Settings", size: int = 96) -> dict[str, str]:
-    """Main-face chips of a few photos as base64 PNG, cut by the shared CPU stage."""
+def thumbnails(faces: list[tuple[str, int | None]], settings: "Settings",
+               size: int = 96) -> dict[tuple[str, int | None], str]:
+    """Chips of a few faces, keyed (image_uri, face_index or None for the main face), as
+    base64 PNG, cut by the shared CPU stage; each photo is read once."""
     import cv2
 
     from pipeline.faces import FaceDetector
     from pipeline.photos import analyse_photo
 
-    if not uris:
+    if not faces:
         return {}
-    fs = storage.resolve(data_uri)[0]
     detector = FaceDetector.from_settings(settings)
     out = {}
-    for u in dict.fromkeys(uris):
+    wanted: dict[str, list[int | None]] = {}
+    for u, i in dict.fromkeys(faces):
+        wanted.setdefault(u, []).append(i)
+    for u, indices in wanted.items():
+        fs = storage.resolve(u)[0]   # the photo's own store (a people table may live elsewhere)
         photo = analyse_photo(storage.read_bytes(fs, u), detector, settings.max_pixels, settings.max_bytes)
-        if photo.main is None:
-            continue
-        chip = cv2.resize(photo.chips[photo.main], (size, size), interpolation=cv2.INTER_AREA)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
-        if ok:
-            out[u] = base64.b64encode(png.tobytes()).decode()
+        for i in indices:
+            face = photo.main if i is None else i
+            if face is None or not 0 <= face < len(photo.chips):
+                continue
+            chip = cv2.resize(photo.chips[face], (size, size), interpolation=cv2.INTER_AREA)
+            ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
+            if ok:
+                out[(u, i)] = base64.b64encode(png.tobytes()).decode()
     return out
 
 
@@ -200,9 +214,9 @@ def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
             d = detail[s.name]
             wrong = np.flatnonzero(d.pred != d.true)
             wrong = wrong[np.argsort(-d.prob[wrong, d.pred[wrong]])][:8]
-            want += [d.uris[i] for i in wrong]
+            want += [_face_key(d, i) for i in wrong]
     try:
-        thumbs = thumbnails(want, outcome.meta["data"]["uri"], settings)
+        thumbs = thumbnails(want, settings)
     except Exception as exc:  # the report must not lose a trained model
         log(f"report: thumbnails skipped ({type(exc).__name__}: {exc})")
         thumbs = {}
@@ -217,6 +231,16 @@ def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
         unknown = "<h2>faces of people not in the training set</h2><ul>" + "".join(
             f"<li>{html.escape(k)}: {v['rejected']:.1%} of {v['faces']} faces rejected as unknown</li>"
             for k, v in m["unknown"].items()) + "</ul>"
+    for k, v in m.get("strangers", {}).items():
+        pct = lambda r: "n/a" if r is None else f"{r:.1%}"  # noqa: E731
+        unknown += (f"<h2>{html.escape(k)}: open set against strangers</h2><p>{v['faces']} faces of {v['people']} "
+                    f"unnamed people; thresholds picked on {v['used']['val']} of them (known faces rejected at "
+                    f"most {v['target_known_rejected']:.0%}, strangers rejected as many as possible, aim "
+                    f"{v['target_strangers_rejected']:.0%}), measured again on {v['used']['test']} faces of other "
+                    f"unnamed people.</p><table><tr><th></th><th>known faces rejected</th><th>strangers rejected"
+                    f"</th></tr>" + "".join(
+                        f"<tr><th>{part}</th><td>{pct(v[part]['known_rejected'])}</td>"
+                        f"<td>{pct(v[part]['strangers_rejected'])}</td></tr>" for part in ("val", "test")) + "</table>")
     summary_rows = {
         "model_version": outcome.meta["model_version"], "created_at": outcome.meta["created_at"],
         "data": f"{outcome.meta['data']['uri']} ({outcome.meta['data']['layout']})",

@@ -1,9 +1,13 @@
-"""Shared fixtures: the real-photo folder, and (in other files) real Ray and S3."""
+"""Shared fixtures: the real-photo folder, real Ray and S3, and one scored + clustered
+table of the real photos for the people and naming tests."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.settings import Settings
@@ -66,3 +70,41 @@ def local_s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+FIRST_PHOTOS = 700   # identities photos in URI order scored before the first clustering
+
+
+@pytest.fixture(scope="session")
+def people_run(ray_cluster, data_dir, tmp_path_factory):
+    """(table, people after the first part, people after --resume with the rest).
+
+    One prediction table of the identities and unknown photos (no attributes: people and
+    naming need only embeddings) scored in two steps, clustered after each; shared by
+    test_people.py and test_naming.py so the session scores the photos once."""
+    from jobs import cluster_faces, score_directory
+
+    root = tmp_path_factory.mktemp("people")
+    table, out = str(root / "table"), str(root / "people")
+    ids = str(data_dir / "identities")
+    assert score_directory.main(["--input", ids, "--output", table, "--limit", str(FIRST_PHOTOS),
+                                 "--no-attributes"]) == 0
+    assert cluster_faces.main(["--table", table, "--output", out]) == 0
+    first = str(root / "people_first")
+    shutil.copytree(out, first)
+    assert score_directory.main(["--input", ids, "--output", table, "--resume", "--no-attributes"]) == 0
+    assert score_directory.main(["--input", str(data_dir / "unknown"), "--output", table, "--no-attributes"]) == 0
+    assert cluster_faces.main(["--table", table, "--output", out, "--resume"]) == 0
+    return table, first, out
+
+
+def labelled(table: str, people_dir: str) -> pd.DataFrame:
+    """People rows of each photo's main face (the centred one LFW labels) with its folder name."""
+    t = pd.read_parquet(table, columns=["image_uri", "status", "face_index", "bbox", "width", "height"])
+    t = t[t.status == "ok"].copy()
+    b = pd.DataFrame(t.bbox.tolist(), index=t.index)
+    t["d"] = np.hypot(b.x + b.w / 2 - t.width / 2, b.y + b.h / 2 - t.height / 2)
+    main = t.sort_values("d").groupby("image_uri").head(1)[["image_uri", "face_index"]]
+    p = pd.read_parquet(people_dir).merge(main, on=["image_uri", "face_index"])
+    p["truth"] = p.image_uri.str.split("/").str[-2]
+    return p

@@ -1,10 +1,10 @@
 """cluster_faces.py on real photos: people match the true identities, ids survive --resume,
-misuse exits 2.  One table of the identities (+ unknown) photos is scored once, in two
-steps (a first part, then the rest with --resume), and clustered before and after."""
+misuse exits 2.  The table and people come from conftest's ``people_run`` (shared with
+test_naming.py): identities (+ unknown) photos scored once, in two steps (a first part,
+then the rest with --resume), and clustered before and after."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,38 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import cluster_faces, score_directory
+from conftest import labelled
+from jobs import cluster_faces
 from pipeline import knn, people
-
-FIRST_PHOTOS = 700   # identities photos in URI order scored before the first clustering
-
-
-@pytest.fixture(scope="module")
-def people_run(ray_cluster, data_dir, tmp_path_factory):
-    """(table, people after the first part, people after --resume with the rest)."""
-    root = tmp_path_factory.mktemp("people")
-    table, out = str(root / "table"), str(root / "people")
-    ids = str(data_dir / "identities")
-    assert score_directory.main(["--input", ids, "--output", table, "--limit", str(FIRST_PHOTOS)]) == 0
-    assert cluster_faces.main(["--table", table, "--output", out]) == 0
-    first = str(root / "people_first")
-    shutil.copytree(out, first)
-    assert score_directory.main(["--input", ids, "--output", table, "--resume"]) == 0
-    assert score_directory.main(["--input", str(data_dir / "unknown"), "--output", table]) == 0
-    assert cluster_faces.main(["--table", table, "--output", out, "--resume"]) == 0
-    return table, first, out
-
-
-def labelled(table: str, people_dir: str) -> pd.DataFrame:
-    """People rows of each photo's main face (the centred one LFW labels) with its folder name."""
-    t = pd.read_parquet(table, columns=["image_uri", "status", "face_index", "bbox", "width", "height"])
-    t = t[t.status == "ok"].copy()
-    b = pd.DataFrame(t.bbox.tolist(), index=t.index)
-    t["d"] = np.hypot(b.x + b.w / 2 - t.width / 2, b.y + b.h / 2 - t.height / 2)
-    main = t.sort_values("d").groupby("image_uri").head(1)[["image_uri", "face_index"]]
-    p = pd.read_parquet(people_dir).merge(main, on=["image_uri", "face_index"])
-    p["truth"] = p.image_uri.str.split("/").str[-2]
-    return p
 
 
 def bcubed(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:

@@ -35,7 +35,8 @@ def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, Classi
                                "open_set_accuracy": float((labels[m] == true).mean()) if m.any() else nan,
                                "known_rejected": float((labels[m] == UNKNOWN).mean()) if m.any() else 0.0}
             results[s.name] = ClassificationResult(y[m], closed[m], raw[s.name][m], labels[m], scores[m],
-                                                   [u for u, k in zip(part.uris, m) if k])
+                                                   [u for u, k in zip(part.uris, m) if k],
+                                                   part.faces[m] if part.faces is not None else None)
         else:
             m = np.isfinite(y)
             v = preds[s.name][0][m]
@@ -59,4 +60,37 @@ def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_ur
             labels, scores = preds[s.name]
             out[s.name] = {"faces": len(x), "rejected": float((labels == UNKNOWN).mean()) if len(x) else 0.0}
             results[s.name] = StrangerResult(labels, scores, ok.column("image_uri").to_pylist())
+    return out, results
+
+
+def _rejected(bundle: ModelBundle, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Per open-set task, which faces the bundle answers ``unknown`` (each face on its own)."""
+    preds = bundle.predict(x, np.arange(len(x)))
+    return {s.name: preds[s.name][0] == UNKNOWN for s in bundle.specs if s.kind == CLASSIFICATION and s.open_set}
+
+
+def open_set_rates(bundle: ModelBundle, val: Encoded, test: Encoded, strangers: Encoded,
+                   stranger_people: int, stranger_faces: int,
+                   target_frr: float) -> tuple[dict, dict[str, StrangerResult]]:
+    """Known faces and strangers rejected, on validation (where the thresholds were picked)
+    and on the held-out test part (known test faces, strangers of other people), measured
+    with the bundle's own rule; and the test strangers' labels for the report."""
+    s_val, s_test = strangers.part("val"), strangers.part("test")
+    rejected = {name: _rejected(bundle, p.x) for name, p in
+                (("val_known", val), ("test_known", test), ("val_strangers", s_val), ("test_strangers", s_test))}
+    preds = bundle.predict(s_test.x, np.arange(len(s_test.x)))
+    out, results = {}, {}
+    for task in rejected["val_known"]:
+        def rate(key: str, part: Encoded) -> float | None:
+            m = part.y[task] >= 0 if key.endswith("known") else np.ones(len(part.x), bool)
+            return float(rejected[key][task][m].mean()) if m.any() else None
+
+        out[task] = {"people": stranger_people, "faces": stranger_faces,
+                     "used": {"val": len(s_val.x), "test": len(s_test.x)},
+                     "target_known_rejected": target_frr, "target_strangers_rejected": 0.95,
+                     "val": {"known_rejected": rate("val_known", val), "strangers_rejected": rate("val_strangers", s_val)},
+                     "test": {"known_rejected": rate("test_known", test),
+                              "strangers_rejected": rate("test_strangers", s_test)}}
+        labels, scores = preds[task]
+        results[task] = StrangerResult(labels, scores, s_test.uris, s_test.faces)
     return out, results

@@ -12,7 +12,8 @@ from pipeline.heads import TaskSpec
 @dataclass
 class ClassificationResult:
     """Test faces of one classification task: true/closed-set indices, probabilities,
-    and the open-set labels and scores the bundle answers."""
+    and the open-set labels and scores the bundle answers.  ``faces``: each face's index in
+    its photo where it is not the photo's main face (people layout), so thumbnails crop it."""
 
     true: np.ndarray
     pred: np.ndarray
@@ -20,6 +21,7 @@ class ClassificationResult:
     label: np.ndarray
     score: np.ndarray
     uris: list[str]
+    faces: np.ndarray | None = None
 
 
 @dataclass
@@ -36,6 +38,7 @@ class StrangerResult:
     label: np.ndarray
     score: np.ndarray
     uris: list[str]
+    faces: np.ndarray | None = None
 
 
 @dataclass
@@ -61,20 +64,28 @@ class TrainOutcome:
     fit_seconds: float
     evaluation: Evaluation
     report_uri: str | None = None
+    data_lines: list[str] = field(default_factory=list)   # what was read, when not photos (people layout)
 
     def lines(self) -> list[str]:
-        out = [f"photos read:   {self.photos}" + (f" (files skipped: {self.skipped})" if self.skipped else ""),
-               f"faces found:   {self.faces} in {self.photos - self.no_face - sum(self.errors.values())} photos "
-               f"(main face used per photo)",
-               f"no face:       {self.no_face} photos (not used for training)",
-               f"errors:        {', '.join(f'{k} {v}' for k, v in sorted(self.errors.items())) or 'none'}",
-               f"embeddings:    {self.embed_info.get('embedded', 0)} computed, "
-               f"{self.embed_info.get('from_cache', 0)} from cache {self.embed_info.get('cache') or '(no cache)'}",
-               f"fit:           {self.fit_seconds:.1f} s, {self.metrics.get('epochs_run')} epochs on "
-               f"{self.metrics.get('workers')} worker(s), heads {self.metrics.get('heads')}"]
+        out = self.data_lines or [
+            f"photos read:   {self.photos}" + (f" (files skipped: {self.skipped})" if self.skipped else ""),
+            f"faces found:   {self.faces} in {self.photos - self.no_face - sum(self.errors.values())} photos "
+            f"(main face used per photo)",
+            f"no face:       {self.no_face} photos (not used for training)",
+            f"errors:        {', '.join(f'{k} {v}' for k, v in sorted(self.errors.items())) or 'none'}",
+            f"embeddings:    {self.embed_info.get('embedded', 0)} computed, "
+            f"{self.embed_info.get('from_cache', 0)} from cache {self.embed_info.get('cache') or '(no cache)'}"]
+        out = [*out, f"fit:           {self.fit_seconds:.1f} s, {self.metrics.get('epochs_run')} epochs on "
+                     f"{self.metrics.get('workers')} worker(s), heads {self.metrics.get('heads')}"]
         for task, m in self.metrics.get("test", {}).items():
             parts = [f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))]
             out.append(f"test {task}: " + ", ".join(parts))
+        for task, v in self.metrics.get("strangers", {}).items():
+            pct = lambda r: "n/a" if r is None else f"{r:.1%}"  # noqa: E731
+            out.append(f"open set {task}: known rejected {pct(v['val']['known_rejected'])} val / "
+                       f"{pct(v['test']['known_rejected'])} test, strangers rejected "
+                       f"{pct(v['val']['strangers_rejected'])} val / {pct(v['test']['strangers_rejected'])} test "
+                       f"({v['used']['val']} + {v['used']['test']} stranger faces of {v['people']} unnamed people)")
         if "unknown" in self.metrics:
             out.append("unknown faces: " + ", ".join(f"{t} rejected {v['rejected']:.1%} of {v['faces']}"
                                                      for t, v in self.metrics["unknown"].items()))

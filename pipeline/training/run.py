@@ -1,66 +1,129 @@
 """The training job: read → embed (cached) → split → fit → calibrate → evaluate → write
-the bundle, its metrics and its report."""
+the bundle, its metrics and its report.
+
+Two ways in, branched once (``Examples``): labelled photos go through the scoring stages
+(``embed_labelled``); named people (``--layout people``) bring their embeddings from the
+prediction table they were clustered from, and their unnamed people as strangers for the
+open-set calibration.  Everything after the split is the same for both."""
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage, table
-from pipeline.contract import NO_FACE, OK, UsageError
+from pipeline.contract import CLASSIFICATION, NO_FACE, OK, UsageError
 from pipeline.heads import ModelBundle
 from pipeline.settings import Settings
 from pipeline.training.calibration import calibrate, select_heads
 from pipeline.training.config import TrainConfig
 from pipeline.training.ddp import check_cluster, fit
 from pipeline.training.embeddings import backbone_info, embed_labelled
-from pipeline.training.evaluation import evaluate, stranger_metrics
+from pipeline.training.evaluation import evaluate, open_set_rates, stranger_metrics
 from pipeline.training.outcome import Evaluation, TrainOutcome
 from pipeline.training.split import Encoded, encode, make_specs, strata_for, stratified_split
 
 
-def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | None = None,
-          cfg: TrainConfig | None = None, settings: Settings | None = None, cache_uri: str | None = None,
-          unknown_uri: str | None = None, report: bool = True, keep_checkpoints: bool = False,
-          log: Callable[[str], None] = print) -> TrainOutcome:
-    """The whole training job; misuse raises ``UsageError`` before the fit where it can."""
+@dataclass
+class Examples:
+    """What the fit reads, whatever the layout: one row per example face, its embedding and
+    labels, and what the summary says about where they came from."""
+
+    table: pa.Table                     # image_uri, one column per task
+    tasks: list[tuple[str, str]]
+    x: np.ndarray                       # N×128 unit embeddings
+    photos: int
+    faces: int
+    no_face: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    embed_info: dict[str, Any] = field(default_factory=dict)
+    face_index: np.ndarray | None = None   # None: each photo's main face
+    strangers: Encoded | None = None       # people layout: unnamed faces, split val/test
+    data_lines: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)   # model.json "data" beyond uri/layout
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json entries of the source
+
+
+def _from_photos(data_uri: str, layout: str, task: str | None, settings: Settings, cache_uri: str | None,
+                 flip_tta: bool, log: Callable[[str], None]) -> Examples:
+    """Labelled photos: the scoring stages' main face per photo, embedded (cached)."""
     from pipeline.datasets import read_labelled
 
-    cfg = cfg or TrainConfig()
-    settings = settings or Settings()
-    started = time.monotonic()
-    check_cluster(cfg)
-    storage.check_writable(output_uri)
     ls = read_labelled(data_uri, layout, task)
     log(f"{ls.table.num_rows} labelled photos in {data_uri} ({layout}), tasks {ls.tasks}")
-    emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, cfg.flip_tta, log)
+    emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, flip_tta, log)
     status = emb.column("status").to_pylist()
     errors: dict[str, int] = {}
     for st in status:
         if st not in (OK, NO_FACE):
             errors[st] = errors.get(st, 0) + 1
-    no_face = status.count(NO_FACE)
-    faces = int(pc.sum(emb.column("face_count")).as_py() or 0)
     usable = pc.is_valid(emb.column("main_face"))
-    labelled = ls.table.filter(usable)
-    specs = make_specs(ls.tasks, labelled, cfg.hidden, cfg.open_set)
-    split = stratified_split(strata_for(labelled, ls.tasks), cfg.val_frac, cfg.test_frac, cfg.seed)
-    enc = Encoded(table.embedding_matrix(emb.filter(usable).column("embedding")), encode(labelled, specs),
-                  split, labelled.column("image_uri").to_pylist())
+    return Examples(ls.table.filter(usable), ls.tasks, table.embedding_matrix(emb.filter(usable).column("embedding")),
+                    ls.table.num_rows, int(pc.sum(emb.column("face_count")).as_py() or 0), status.count(NO_FACE),
+                    errors, ls.skipped, embed_info, data={"embedding_cache": embed_info.get("cache")})
+
+
+def _from_people(people_uri: str, names_uri: str, task: str | None, seed: int,
+                 log: Callable[[str], None]) -> Examples:
+    """Named people: their faces' embeddings read from the source table, strangers beside."""
+    from pipeline.training.people import read_named_people
+
+    name = task or "identity"
+    named = read_named_people(people_uri, names_uri, name, seed, log)
+    lines = named.lines(names_uri)
+    log("\n".join(lines))
+    n_photos = len(pc.unique(named.table.column("image_uri")))
+    return Examples(named.table, [(name, CLASSIFICATION)], named.x, n_photos, named.table.num_rows,
+                    embed_info={"embedded": 0, "source_table": named.source_table},
+                    face_index=named.face_index, strangers=named.strangers, data_lines=lines,
+                    data={"names": names_uri, "source_table": named.source_table},
+                    metrics={"people": {"named_people": named.named_people, "faces": named.table.num_rows,
+                                        "photos": n_photos, "stranger_people": named.stranger_people,
+                                        "stranger_faces": named.stranger_faces,
+                                        "faces_without_embedding": named.missing}})
+
+
+def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | None = None,
+          cfg: TrainConfig | None = None, settings: Settings | None = None, cache_uri: str | None = None,
+          unknown_uri: str | None = None, report: bool = True, keep_checkpoints: bool = False,
+          log: Callable[[str], None] = print, names_uri: str | None = None) -> TrainOutcome:
+    """The whole training job; misuse raises ``UsageError`` before the fit where it can.
+
+    ``layout`` people: ``data_uri`` is a cluster_faces.py output and ``names_uri`` its
+    ``person,name`` CSV (nothing is embedded); any other layout is labelled photos."""
+    from pipeline.training.people import check_flags
+
+    cfg = cfg or TrainConfig()
+    settings = settings or Settings()
+    started = time.monotonic()
+    check_flags(layout, names_uri)
+    check_cluster(cfg)
+    storage.check_writable(output_uri)
+    if layout == "people":
+        ex = _from_people(data_uri, names_uri or "", task, cfg.seed, log)
+    else:
+        ex = _from_photos(data_uri, layout, task, settings, cache_uri, cfg.flip_tta, log)
+    labelled = ex.table
+    specs = make_specs(ex.tasks, labelled, cfg.hidden, cfg.open_set)
+    split = stratified_split(strata_for(labelled, ex.tasks), cfg.val_frac, cfg.test_frac, cfg.seed)
+    enc = Encoded(ex.x, encode(labelled, specs), split, labelled.column("image_uri").to_pylist(), ex.face_index)
     tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
     if len(va.x) == 0:
-        raise UsageError(f"validation split is empty ({len(enc.x)} usable photos): raise --val-frac")
+        raise UsageError(f"validation split is empty ({len(enc.x)} usable examples): raise --val-frac")
     log(f"split (seed {cfg.seed}): train {len(tr.x)}, val {len(va.x)}, test {len(te.x)}")
 
     t_fit = time.monotonic()
     best, history, last = fit(tr, va, specs, cfg, f"{output_uri.rstrip('/')}/checkpoints", log)
     fit_seconds = time.monotonic() - t_fit
     heads_state, chosen = select_heads(specs, best)
-    bundle, centroids, calib = calibrate(specs, heads_state, tr, va, cfg.target_frr)
+    s_val = ex.strangers.part("val") if ex.strangers is not None else None
+    bundle, centroids, calib = calibrate(specs, heads_state, tr, va, cfg.target_frr, s_val)
     test_metrics, results = evaluate(bundle, te if len(te.x) else va)
     evaluation = Evaluation(specs, results, {s.name: tr.y[s.name] for s in specs}, history)
     metrics: dict[str, Any] = {
@@ -69,23 +132,29 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
         "resumed_from": last.get("resumed_from", -1),
         "rows_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history])) if history else 0.0,
         "split": {"train": len(tr.x), "val": len(va.x), "test": len(te.x)},
-        "photos": ls.table.num_rows, "faces": faces, "no_face": no_face, "errors": errors,
-        "fit_seconds": round(fit_seconds, 1)}
+        "photos": ex.photos, "faces": ex.faces, "no_face": ex.no_face, "errors": ex.errors,
+        "fit_seconds": round(fit_seconds, 1), **ex.metrics}
+    if ex.strangers is not None:
+        people = ex.metrics["people"]
+        metrics["strangers"], evaluation.strangers = open_set_rates(
+            bundle, va, te if len(te.x) else va, ex.strangers, people["stranger_people"], people["stranger_faces"],
+            cfg.target_frr)
     if unknown_uri:
         metrics["unknown"], evaluation.strangers = stranger_metrics(bundle, unknown_uri, settings, cache_uri,
                                                                     cfg.flip_tta, log)
     extra = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "backbone": backbone_info(settings),
-             "data": {"uri": data_uri, "layout": layout, "embedding_cache": embed_info.get("cache")},
+             "data": {"uri": data_uri, "layout": layout, **ex.data},
              "training": asdict(cfg),
-             "metrics": {"test": test_metrics, "open_set": calib, "heads": metrics["heads"]}}
+             "metrics": {"test": test_metrics, "open_set": calib, "heads": metrics["heads"],
+                         **({"strangers": metrics["strangers"]} if "strangers" in metrics else {})}}
     meta = ModelBundle.write(output_uri, specs, heads_state, centroids, extra)
     metrics["model_version"] = meta["model_version"]
     fs, out_path = storage.resolve(output_uri)
     with fs.open_output_stream(f"{out_path}/metrics.json") as f:
         f.write(json.dumps({**metrics, "history": history}, indent=2, default=_json_default).encode())
-    outcome = TrainOutcome(output_uri, meta, metrics, ls.table.num_rows, faces, no_face, errors, ls.skipped,
-                           embed_info, fit_seconds, evaluation)
+    outcome = TrainOutcome(output_uri, meta, metrics, ex.photos, ex.faces, ex.no_face, ex.errors, ex.skipped,
+                           ex.embed_info, fit_seconds, evaluation, data_lines=ex.data_lines)
     if report:
         from pipeline.reports import write_report
 

@@ -48,17 +48,20 @@ def strata_for(table: pa.Table, tasks: list[tuple[str, str]]) -> list[str]:
 
 @dataclass
 class Encoded:
-    """Embeddings and per-task targets (-1 / NaN = missing) of the usable rows."""
+    """Embeddings and per-task targets (-1 / NaN = missing) of the usable rows; ``faces``
+    is the face index of each row where it is not the photo's main face (people layout)."""
 
     x: np.ndarray
     y: dict[str, np.ndarray]
     split: np.ndarray
     uris: list[str]
+    faces: np.ndarray | None = None
 
     def part(self, name: str) -> "Encoded":
         m = self.split == name
         return Encoded(self.x[m], {k: v[m] for k, v in self.y.items()}, self.split[m],
-                       [u for u, keep in zip(self.uris, m) if keep])
+                       [u for u, keep in zip(self.uris, m) if keep],
+                       self.faces[m] if self.faces is not None else None)
 
 
 def encode(table: pa.Table, specs: list[TaskSpec]) -> dict[str, np.ndarray]:
