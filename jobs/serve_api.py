@@ -3,20 +3,21 @@
     python jobs/serve_api.py --model s3://models/m1 --table s3://predictions/run1 --port 8000
 
 Starts (or joins, with --ray-address / RAY_ADDRESS) Ray, serves on 127.0.0.1 until Ctrl-C
-or SIGTERM, then shuts Serve down.  The token comes from FACERAY_API_TOKEN (or --token-env).
+or SIGTERM, then shuts Serve down (at most 5 s) and the local Ray it started, and exits
+130 / 143.  The token comes from FACERAY_API_TOKEN (or --token-env).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
 from jobs.cli import positive_int, run_job  # noqa: E402
+
+SERVE_SHUTDOWN_S = 5.0  # then the local Ray is stopped under Serve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pipeline.runtime import init_ray  # first: loads torch before ray
     from ray import serve  # noqa: I001
 
+    from pipeline import stopping
     from pipeline.settings import Settings
     from serve.app import APP_NAME, build_app
 
@@ -54,17 +56,27 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
                                  api_token=os.environ.get(args.token_env) or None)
     init_ray(args.ray_address, args.num_cpus)
+    try:
+        return _run(serve, args, settings, APP_NAME, build_app)
+    except stopping.Stopped as stop:
+        # Serve's controller can take 30 s and more to go when its replicas got the same
+        # Ctrl-C: bounded here, then run_job stops the local Ray under it.
+        ok = stopping.bounded(serve.shutdown, SERVE_SHUTDOWN_S)
+        stop.done.append("Serve shut down" if ok else
+                         f"serve.shutdown did not finish in {SERVE_SHUTDOWN_S:g} s (Ray is stopped under it)")
+        raise
+
+
+def _run(serve, args: argparse.Namespace, settings, app_name: str, build_app) -> int:  # noqa: ANN001
+    from pipeline import stopping
+
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "table": args.table, "table_embeddings": args.table_embeddings,
                      "max_body_bytes": int(args.max_body_mb * 1024 * 1024), "settings": settings,
                      "faces_replicas": args.faces_replicas})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    serve.run(app, name=app_name, route_prefix="/")
     print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz)", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
+    stopping.wait_forever()  # until SIGINT / SIGTERM: run_job exits 130 / 143
     return 0
 
 
