@@ -1,8 +1,11 @@
-"""The embedded default: score real photos end to end on a local Ray and a local S3.
+"""The embedded default: what faceray is for, end to end on a local Ray and a local S3.
 
-Starts SeaweedFS on 127.0.0.1, uploads photos (../shared/data's groups, fr_examples and
-a few non-faces when present; else scikit-image's sample photos; or --photos DIR), runs
-the scoring job from s3:// to s3://, prints the summary and a few rows, stops S3.
+Starts SeaweedFS on 127.0.0.1, uploads photos (../shared/data's groups, fr_examples,
+some LFW portraits and a few non-faces when present; else scikit-image's sample photos;
+or --photos DIR), runs the scoring job from s3:// to s3:// (faces, boxes, embeddings, age,
+gender, emotion; names too with --model), groups the faces into people with the people
+job, prints both summaries and a few rows, copies the contact sheet next to you
+(--sheet), stops S3.
 """
 from __future__ import annotations
 
@@ -28,6 +31,10 @@ def stage_photos(dest: Path, photos: str | None) -> str:
         for sub in ("fr_examples", "groups/images/13--Interview", "nonfaces/objects"):
             if (data / sub).is_dir():
                 shutil.copytree(data / sub, dest / sub.replace("/", "_"), dirs_exist_ok=True)
+        for person in ("George_W_Bush", "Colin_Powell", "Laura_Bush", "Jennifer_Lopez"):  # people to group
+            for f in sorted((data / "identities" / person).glob("*.jpg"))[:6]:
+                (dest / "portraits").mkdir(exist_ok=True)
+                shutil.copy(f, dest / "portraits" / f.name)
         return str(data)
     import cv2
     import skimage.data as samples
@@ -43,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="demo.py", description=__doc__)
     p.add_argument("--photos", help="a folder of your own photos to score instead")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
+    p.add_argument("--model", help="a model bundle from train_classifier.py: faces get names too")
+    p.add_argument("--sheet", default="faceray-demo-people.html",
+                   help="where to copy the people contact sheet (default ./faceray-demo-people.html)")
     args = p.parse_args(argv)
     if args.photos and not Path(args.photos).is_dir():
         p.error(f"--photos {args.photos}: not a folder")
@@ -51,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import pyarrow.dataset as pads
 
+    from pipeline.runtime import init_ray  # first: loads torch before ray
+    from pipeline.people import cluster_table  # noqa: I001
     from pipeline.s3server import LocalS3
-    from pipeline.runtime import init_ray
     from pipeline.scoring import score
 
     with tempfile.TemporaryDirectory(prefix="faceray-demo-") as tmp, LocalS3() as s3:
@@ -63,13 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(s3.env)  # the job (and Ray's workers) read the usual AWS variables
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         init_ray(num_cpus=args.num_cpus)
-        summary = score("s3://faceray-demo/photos", "s3://faceray-demo/predictions")
-        print("\n".join(["", "== faceray demo summary", *summary.lines()]))
+        summary = score("s3://faceray-demo/photos", "s3://faceray-demo/predictions", model_uri=args.model)
+        print("\n".join(["", "== faceray demo: faces", *summary.lines()]))
+        people = cluster_table("s3://faceray-demo/predictions", "s3://faceray-demo/people")
+        print("\n".join(["", "== faceray demo: people", *people.lines()]))
         fs = s3.filesystem()
-        t = pads.dataset("faceray-demo/predictions", filesystem=fs, format="parquet").to_table(
-            columns=["image_uri", "status", "face_count", "face_index", "bbox", "det_score"])
-        print("\nfirst rows of the prediction table:")
-        print(t.slice(0, 12).to_pandas().to_string(max_colwidth=60))
+        t = pads.dataset("faceray-demo/predictions", filesystem=fs, format="parquet").to_table()
+        who = pads.dataset("faceray-demo/people", filesystem=fs, format="parquet").to_table()
+        rows = t.join(who, ["image_uri", "face_index"], join_type="left outer").sort_by("image_uri")
+        rows = rows.filter(pads.field("face_index").is_valid())
+        names = [c for c in ("identity", "identity_score") if c in rows.schema.names]
+        cols = ["image_uri", "face_index", "person", "person_size", "age", "gender", "emotion", *names]
+        df = rows.select([c for c in cols if c in rows.schema.names]).to_pandas()
+        df["image_uri"] = df.image_uri.str.split("/").str[-1]
+        print("\nfaces with their person and attributes (largest people first):")
+        print(df.sort_values(["person_size", "person"], ascending=[False, True]).head(16).to_string(
+            index=False, float_format=lambda v: f"{v:.2f}"))
+        with fs.open_input_stream("faceray-demo/people/_people.html") as f:
+            Path(args.sheet).write_bytes(f.read())
+        print(f"\npeople contact sheet (open it in a browser): {Path(args.sheet).resolve()}")
     return 0
 
 

@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve_api.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model bundle (folder or s3:// prefix); without it: faces, no labels")
-    p.add_argument("--table", help="prediction table (folder or s3:// prefix) for GET /v1/predictions")
+    p.add_argument("--table", help="prediction table (folder or s3:// prefix) for GET /v1/predictions and POST /v1/search")
+    p.add_argument("--people", help="people table from cluster_faces.py for GET /v1/people (and persons in search)")
     p.add_argument("--table-embeddings", action="store_true", help="also load the table's embeddings")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -71,7 +72,8 @@ def _run(serve, args: argparse.Namespace, settings, app_name: str, build_app) ->
     from pipeline import stopping
 
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({"model": args.model, "table": args.table, "table_embeddings": args.table_embeddings,
+    app = build_app({"model": args.model, "table": args.table, "people": args.people,
+                     "table_embeddings": args.table_embeddings,
                      "max_body_bytes": int(args.max_body_mb * 1024 * 1024), "settings": settings,
                      "faces_replicas": args.faces_replicas})
     serve.run(app, name=app_name, route_prefix="/")

@@ -16,9 +16,9 @@ from ray import serve
 from pipeline.contract import EMBEDDING_DIM, NO_FACE, OK
 from pipeline.settings import Settings
 from serve.deployments import Embeddings, Faces, Heads, Predictions
-from serve.http import (DEFAULT_LIMIT, DEFAULT_MAX_BODY, ERRORS, MAX_LIMIT, PHOTO_OPENAPI, STATUS_HTTP,
-                        ApiError, FacesOut, PredictionsOut, authorize, install_error_handlers, probe_png,
-                        read_photo)
+from serve.http import (DEFAULT_K, DEFAULT_LIMIT, DEFAULT_MAX_BODY, ERRORS, MAX_K, MAX_LIMIT, PHOTO_OPENAPI,
+                        STATUS_HTTP, ApiError, FacesOut, PeopleOut, PredictionsOut, SearchOut, authorize, face_json,
+                        install_error_handlers, probe_png, read_photo)
 
 APP_NAME = "faceray"
 
@@ -45,10 +45,8 @@ class Api:
     def reconfigure(self, config: dict | None) -> None:
         self.max_body_bytes = int((config or {}).get("max_body_bytes") or DEFAULT_MAX_BODY)
 
-    @app.post("/v1/faces", response_model=FacesOut, response_model_exclude_unset=True,
-              responses=ERRORS, openapi_extra=PHOTO_OPENAPI)
-    async def faces_of_photo(self, request: Request, embedding: bool = False) -> dict[str, Any]:
-        """Faces of one photo with boxes, landmarks and each task's label (same numbers as the batch job)."""
+    async def _photo_faces(self, request: Request):
+        """The uploaded photo's faces, embeddings and built-in attributes (4xx for a bad photo)."""
         authorize(request, self.api_token)
         data = await read_photo(request, self.max_body_bytes)
         photo = await self.faces.analyse.remote(data)
@@ -57,18 +55,48 @@ class Api:
         emb, builtin = np.zeros((0, EMBEDDING_DIM), np.float32), None
         if photo.faces:
             emb, builtin = await self.embeddings.remote(photo.chips)
+        return photo, emb, builtin
+
+    @app.post("/v1/faces", response_model=FacesOut, response_model_exclude_unset=True,
+              responses=ERRORS, openapi_extra=PHOTO_OPENAPI)
+    async def faces_of_photo(self, request: Request, embedding: bool = False) -> dict[str, Any]:
+        """Faces of one photo with boxes, landmarks and each task's label (same numbers as the batch job)."""
+        photo, emb, builtin = await self._photo_faces(request)
         preds, version = await self.heads.predict.remote(emb, builtin)
         faces = []
         for i, f in enumerate(photo.faces):
-            x, y, w, h = (float(v) for v in f.bbox)
-            face: dict[str, Any] = {"bbox": {"x": x, "y": y, "w": w, "h": h},
-                                    "landmarks": [float(v) for v in np.ravel(f.landmarks)],
-                                    "det_score": float(f.score), "predictions": preds[i]}
+            face = {**face_json(f), "predictions": preds[i]}
             if embedding:
                 face["embedding"] = [float(v) for v in emb[i]]
             faces.append(face)
         return {"width": int(photo.width), "height": int(photo.height), "faces": faces,
                 "model_version": version}
+
+    @app.post("/v1/search", response_model=SearchOut, responses=ERRORS, openapi_extra=PHOTO_OPENAPI)
+    async def search(self, request: Request, k: int = DEFAULT_K) -> dict[str, Any]:
+        """For every face of the photo, the `k` (1–100) nearest faces of the configured table."""
+        authorize(request, self.api_token)
+        if not 1 <= k <= MAX_K:
+            raise ApiError(400, f"k must be 1..{MAX_K}, got {k}")
+        photo, emb, _ = await self._photo_faces(request)
+        result = await self.predictions.search.remote(emb, k)
+        if "error" in result:
+            raise ApiError(result["status"], result["error"])
+        faces = [{**face_json(f), "matches": m} for f, m in zip(photo.faces, result["matches"])]
+        return {"width": int(photo.width), "height": int(photo.height), "faces": faces}
+
+    @app.get("/v1/people", response_model=PeopleOut, responses=ERRORS)
+    async def people(self, request: Request, limit: int = DEFAULT_LIMIT, offset: int = 0) -> dict[str, Any]:
+        """The people of the configured people table, largest first, with a representative face."""
+        authorize(request, self.api_token)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ApiError(400, f"limit must be 1..{MAX_LIMIT}, got {limit}")
+        if offset < 0:
+            raise ApiError(400, f"offset must be ≥ 0, got {offset}")
+        result = await self.predictions.people.remote(limit, offset)
+        if "error" in result:
+            raise ApiError(result["status"], result["error"])
+        return result
 
     @app.get("/v1/predictions", response_model=PredictionsOut, responses=ERRORS)
     async def prediction_rows(self, request: Request, image_uri: str | None = None,
@@ -124,7 +152,7 @@ class Api:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application; ``args`` (all optional): ``model`` (bundle URI), ``table`` (prediction
-    table URI), ``table_embeddings`` (bool), ``max_body_bytes``, ``token``, ``faces_replicas``,
+    table URI: lookups and search), ``people`` (cluster_faces.py output), ``table_embeddings`` (bool), ``max_body_bytes``, ``token``, ``faces_replicas``,
     and ``settings`` (a ``Settings`` or a dict of its fields, e.g. ``min_face``) on top of
     ``FACERAY_*``.  Settings are made here, once, and handed to every replica.
     ``serve/config.yaml``'s user_config overrides model/table/max_body_bytes.
@@ -146,7 +174,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                           user_config={"model_uri": args.get("model")}).bind()
     predictions = Predictions.options(
         ray_actor_options=opts["Predictions"],
-        user_config={"table_uri": args.get("table"), "embeddings": bool(args.get("table_embeddings"))}).bind()
+        user_config={"table_uri": args.get("table"), "people_uri": args.get("people"),
+                     "embeddings": bool(args.get("table_embeddings"))}).bind()
     return Api.options(ray_actor_options=opts["Api"],
                        user_config={"max_body_bytes": int(args.get("max_body_bytes") or DEFAULT_MAX_BODY)}
                        ).bind(faces, embeddings, heads, predictions, settings)

@@ -13,6 +13,7 @@ Settings arrive as a constructor argument (made once in ``build_app``), never re
 """
 import asyncio
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -127,28 +128,72 @@ class Heads:
                 "metrics": meta.get("metrics")}
 
 
+@dataclass
+class _Tables:
+    """What one configuration loaded: swapped in whole, so a request sees one snapshot."""
+
+    predictions: Any = None          # serve.lookup.PredictionIndex
+    search: Any = None               # pipeline.people.FaceIndex (ANN over the table's embeddings)
+    people: list[dict] | None = None  # pipeline.people.list_people, largest first
+    people_uri: str | None = None
+    search_error: str | None = None
+
+
 @serve.deployment(max_ongoing_requests=32)
 class Predictions:
-    """A batch prediction table (``user_config.table_uri``) indexed in memory."""
+    """A batch prediction table (``user_config.table_uri``) indexed in memory: row lookups,
+    a kNN index of its faces for ``/v1/search`` (built when the table loads), and the people
+    of ``user_config.people_uri`` (a cluster_faces.py output) for ``/v1/people``."""
 
     def __init__(self) -> None:
-        self._state: tuple[tuple[str | None, bool], Any] = ((None, False), None)
+        self._tables = _Tables()
 
     def reconfigure(self, config: dict | None) -> None:
+        """Load everything first, then swap: requests in flight keep the old tables."""
         config = config or {}
-        key = (config.get("table_uri") or None, bool(config.get("embeddings", False)))
-        if key[0] is None:
-            self._state = (key, None)
-            return
-        from serve.lookup import PredictionIndex
+        table_uri, people_uri = config.get("table_uri") or None, config.get("people_uri") or None
+        new = _Tables(people_uri=people_uri)
+        if table_uri:
+            from pipeline.contract import UsageError
+            from pipeline.people import FaceIndex
+            from serve.lookup import PredictionIndex
 
-        self._state = (key, PredictionIndex.load(key[0], embeddings=key[1]))
+            new.predictions = PredictionIndex.load(table_uri, embeddings=bool(config.get("embeddings", False)))
+            try:
+                new.search = FaceIndex.from_uris(table_uri, people_uri)
+            except UsageError as exc:  # e.g. a table without faces: lookups still work
+                new.search_error = str(exc)
+        if people_uri:
+            from pipeline.people import list_people
+
+            new.people = list_people(people_uri, limit=2**62)
+        self._tables = new
+
+    def search(self, embeddings: np.ndarray, k: int) -> dict[str, Any]:
+        """Per face: up to k matches of the table, best first."""
+        tables = self._tables
+        if tables.search is None:
+            reason = tables.search_error or "no prediction table configured (--table / user_config table_uri)"
+            return {"error": f"search unavailable: {reason}", "status": 404}
+        hits = tables.search.search(embeddings, k) if len(embeddings) else []
+        return {"matches": [[{"image_uri": u, "face_index": int(i), "similarity": float(s), "person": p}
+                             for u, i, s, p in row] for row in hits]}
+
+    def people(self, limit: int, offset: int) -> dict[str, Any]:
+        tables = self._tables
+        if tables.people is None:
+            return {"error": "no people table configured (--people / user_config people_uri)", "status": 404}
+        page = tables.people[offset:offset + limit]
+        total = len(tables.people)
+        return {"people": page, "total": total, "offset": offset, "limit": limit,
+                "next_offset": offset + limit if offset + limit < total else None,
+                "people_uri": tables.people_uri}
 
     def query(self, image_uri: str | None, filters: dict[str, str], limit: int, offset: int,
               embeddings: bool) -> dict[str, Any]:
         from serve.lookup import TableError
 
-        index = self._state[1]
+        index = self._tables.predictions
         if index is None:
             return {"error": "no prediction table configured (Predictions user_config table_uri)", "status": 404}
         try:
@@ -159,5 +204,8 @@ class Predictions:
                 "next_offset": page.next_offset, "table_uri": index.uri}
 
     def info(self) -> dict[str, Any] | None:
-        index = self._state[1]
-        return None if index is None else index.describe()
+        tables = self._tables
+        if tables.predictions is None:
+            return None
+        return {**tables.predictions.describe(), "search_faces": len(tables.search) if tables.search else 0,
+                "people": len(tables.people) if tables.people is not None else None}

@@ -17,6 +17,7 @@ from pipeline.contract import DECODE_ERROR, PHOTO_FORMAT_NAMES, PHOTO_MEDIA_TYPE
 
 DEFAULT_MAX_BODY = 20 * 1024 * 1024
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+DEFAULT_K, MAX_K = 10, 100
 #: A photo's status → the HTTP error it is for a single uploaded photo.
 STATUS_HTTP = {DECODE_ERROR: 400, TOO_LARGE: 413, READ_ERROR: 400}
 
@@ -54,6 +55,42 @@ class FacesOut(BaseModel):
     height: int
     faces: list[FaceOut]
     model_version: str | None
+
+
+class Match(BaseModel):
+    image_uri: str
+    face_index: int
+    similarity: float = Field(description="cosine of the two faces' embeddings (1: identical)")
+    person: str | None = Field(description="the face's person in the configured people table, else null")
+
+
+class FaceMatches(BaseModel):
+    bbox: BBox
+    landmarks: list[float]
+    det_score: float
+    matches: list[Match] = Field(description="nearest faces of the table, best first")
+
+
+class SearchOut(BaseModel):
+    width: int
+    height: int
+    faces: list[FaceMatches]
+
+
+class Person(BaseModel):
+    person: str
+    size: int = Field(description="faces of this person in the table")
+    image_uri: str = Field(description="a representative face: the one nearest the person's centre")
+    face_index: int
+
+
+class PeopleOut(BaseModel):
+    people: list[Person]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    people_uri: str
 
 
 class PredictionsOut(BaseModel):
@@ -150,6 +187,13 @@ async def _multipart_image(request: Request, body: bytes, cap: int) -> bytes:
     if part is None:
         raise ApiError(400, "multipart body has no `image` field")
     return await part.read() if hasattr(part, "read") else str(part).encode()
+
+
+def face_json(face: Any) -> dict[str, Any]:
+    """A detected face (``pipeline.faces.Face``) as the API shows it."""
+    x, y, w, h = (float(v) for v in face.bbox)
+    return {"bbox": {"x": x, "y": y, "w": w, "h": h}, "landmarks": [float(v) for v in np.ravel(face.landmarks)],
+            "det_score": float(face.score)}
 
 
 _PROBE: bytes | None = None

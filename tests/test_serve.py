@@ -87,7 +87,7 @@ class Client:
         return getattr(self.http, name)
 
 
-def deploy_config(model: str | None, table: str | None) -> None:
+def deploy_config(model: str | None, table: str | None, people: str | None = None) -> None:
     """Deploy serve/config.yaml with these URIs as `serve deploy`/`serve run config.yaml` do
     (the controller's apply_config; the CLI goes through the same call)."""
     import yaml
@@ -102,6 +102,7 @@ def deploy_config(model: str | None, table: str | None) -> None:
             d["user_config"]["model_uri"] = model
         if d["name"] == "Predictions":
             d["user_config"]["table_uri"] = table
+            d["user_config"]["people_uri"] = people
     client = serve.context._get_global_client()
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
 
@@ -114,7 +115,17 @@ def replicas(deployment: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def api(ray_cluster, bundle, scored):
+def people_table(scored) -> str:
+    """cluster_faces.py over the scored table, on S3."""
+    from jobs import cluster_faces
+
+    out = f"s3://{BUCKET}/people"
+    assert cluster_faces.main(["--table", scored["uri"], "--output", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, bundle, scored, people_table):
     """serve/config.yaml (model + table + token) behind Serve's proxy on a free loopback port."""
     from ray import serve
 
@@ -128,7 +139,7 @@ def api(ray_cluster, bundle, scored):
             if attempt == 2:
                 raise
     try:
-        deploy_config(bundle, scored["uri"])
+        deploy_config(bundle, scored["uri"], people_table)
         client = Client(f"http://127.0.0.1:{port}")
         yield client
         client.http.close()
@@ -172,8 +183,10 @@ def test_faces_match_the_batch_rows(api, scored, bundle):
             assert abs(face["det_score"] - row["det_score"]) < 1e-3
             cos = float(np.dot(face["embedding"], row["embedding"]))
             assert cos >= 0.999, (name, cos)
-            assert face["predictions"]["identity"]["label"] == row["identity"], name
-            assert abs(face["predictions"]["identity"]["score"] - row["identity_score"]) < 1e-3
+            for task in ("identity", "gender", "emotion"):  # the bundle's task and built-in attributes
+                assert face["predictions"][task]["label"] == row[task], (name, task)
+                assert abs(face["predictions"][task]["score"] - row[f"{task}_score"]) < 1e-3, (name, task)
+            assert abs(face["predictions"]["age"]["label"] - row["age"]) < 0.05, name
             checked_faces += 1
             labelled += row["identity"] != "unknown"
     assert checked_faces >= PEOPLE * HELD_OUT and labelled >= PEOPLE, (checked_faces, labelled)
@@ -203,6 +216,64 @@ def test_phone_formats_are_accepted_and_a_video_is_not(api, scored):
     mp4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64)
     r = api.post("/v1/faces", content=mp4, headers={"content-type": "video/mp4"})
     assert r.status_code == 415 and "HEIC" in r.json()["error"], r.text
+
+
+def test_search_finds_the_photo_and_its_person(api, scored, people_table):
+    """A photo of the table searched: itself first (cosine ~1), then the same person's
+    other photo; persons come from the people table; bad k and bad bodies are 4xx."""
+    rows = _rows_by_photo(scored["rows"])
+    by_person: dict[str, list[str]] = {}
+    for name, rs in rows.items():
+        if rs[0]["status"] == "ok" and rs[0]["face_count"] == 1 and rs[0]["identity"] != "unknown":
+            by_person.setdefault(rs[0]["identity"], []).append(name)
+    pairs = [names for names in by_person.values() if len(names) >= 2]
+    assert pairs, by_person
+    hits = 0
+    for names in pairs:
+        r = api.post("/v1/search", params={"k": 3}, content=(scored["root"] / names[0]).read_bytes())
+        assert r.status_code == 200, r.text
+        body = r.json()
+        (face,) = body["faces"]
+        best = face["matches"][0]
+        assert best["image_uri"].endswith("/" + names[0]) and best["face_index"] == 0
+        assert best["similarity"] > 0.999 and best["person"], best
+        assert len(face["matches"]) == 3
+        assert [m["similarity"] for m in face["matches"]] == sorted((m["similarity"] for m in face["matches"]),
+                                                                   reverse=True)
+        second = face["matches"][1]
+        hits += second["image_uri"].rsplit("/", 1)[-1] in names and second["person"] == best["person"]
+    assert hits >= len(pairs) - 1, (hits, len(pairs))
+    jpeg = (scored["root"] / pairs[0][0]).read_bytes()
+    for params, body, code in (({"k": 0}, jpeg, 400), ({"k": 101}, jpeg, 400), ({"k": "x"}, jpeg, 422),
+                               ({}, b"plain text", 415), ({}, b"", 400)):
+        r = api.post("/v1/search", params=params, content=body)
+        assert r.status_code == code and r.json()["error"], (params, r.text)
+    r = api.post("/v1/search", content=jpeg, headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_people_are_listed_largest_first(api, people_table):
+    import pandas as pd
+
+    first = api.get("/v1/people", params={"limit": 3}).json()
+    assert first["total"] >= 5 and first["next_offset"] == 3 and first["people_uri"] == people_table
+    sizes = [p["size"] for p in first["people"]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 2
+    rest = api.get("/v1/people", params={"limit": 1000, "offset": 3}).json()
+    assert rest["next_offset"] is None and len(rest["people"]) == first["total"] - 3
+    everyone = first["people"] + rest["people"]
+    assert len({p["person"] for p in everyone}) == first["total"]
+    assert sum(p["size"] for p in everyone) == sum(1 for r in pd.read_parquet(
+        people_table.replace("s3://", ""), filesystem=_s3fs()).itertuples())
+    for params in ({"limit": 0}, {"offset": -1}, {"limit": 5000}):
+        r = api.get("/v1/people", params=params)
+        assert r.status_code == 400 and r.json()["error"], (params, r.text)
+
+
+def _s3fs():
+    from pipeline.storage import s3_filesystem
+
+    return s3_filesystem()
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -246,7 +317,7 @@ def test_token_is_enforced_and_healthz_stays_open(api):
             assert r.status_code == 401 and "wrong" in r.json()["error"], (path, r.text)
         health = anon.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
-        assert health.json()["tasks"] == ["identity"] and health.json()["table_rows"] > 0
+        assert health.json()["tasks"] == ["age", "emotion", "gender", "identity"] and health.json()["table_rows"] > 0
         assert anon.get("/docs").status_code == 200
         spec = anon.get("/openapi.json").json()
         assert {"/v1/faces", "/v1/predictions", "/v1/model", "/healthz"} <= set(spec["paths"])
@@ -323,7 +394,7 @@ def test_short_load_run_has_no_5xx(api, data_dir, scored):
     assert result.statuses[200] > 0 and result.statuses[413] + result.statuses[415] + result.statuses[400] > 0
 
 
-def test_new_model_swaps_in_without_dropping_requests(api, scored):
+def test_new_model_swaps_in_without_dropping_requests(api, scored, people_table):
     """user_config-only redeploy → reconfigure on the running replicas; requests keep flowing."""
     name = next(n for n, rs in _rows_by_photo(scored["rows"]).items() if rs[0]["status"] == "ok")
     data = (scored["root"] / name).read_bytes()
@@ -347,7 +418,7 @@ def test_new_model_swaps_in_without_dropping_requests(api, scored):
         t.start()
     time.sleep(1.0)
     heads_before = replicas("Heads")
-    deploy_config(None, scored["uri"])  # only Heads' user_config changes
+    deploy_config(None, scored["uri"], people_table)  # only Heads' user_config changes
     deadline = time.monotonic() + 60
     while api.get("/v1/model").json()["model_version"] is not None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -360,4 +431,4 @@ def test_new_model_swaps_in_without_dropping_requests(api, scored):
     assert before in versions and versions[-1] is None  # both bundles answered, none failed
     assert replicas("Heads") == heads_before and heads_before  # reconfigured in place, not replaced
     r = api.post("/v1/faces", content=data).json()
-    assert r["faces"] and all(f["predictions"] == {} for f in r["faces"])
+    assert r["faces"] and all(set(f["predictions"]) == {"age", "gender", "emotion"} for f in r["faces"])
