@@ -49,6 +49,50 @@ def load_faces(files: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.stack(chips), np.stack(lms), np.array(found)
 
 
+@dataclasses.dataclass
+class AttributeSets:
+    """UTKFace and FER2013 main-face chips, with labels of every photo (``*_all``) and of
+    the faces found (``age``, ``gender``, ``emotion``: the rows of ``utk`` / ``fer``)."""
+
+    utk: np.ndarray
+    fer: np.ndarray
+    utk_files: list[Path]
+    fer_files: list[Path]
+    utk_found: np.ndarray
+    fer_found: np.ndarray
+    fer_landmarks: np.ndarray
+    age_all: np.ndarray
+    gender_all: np.ndarray
+    emotion_all: np.ndarray
+
+    @property
+    def age(self) -> np.ndarray:
+        return self.age_all[self.utk_found]
+
+    @property
+    def gender(self) -> np.ndarray:
+        return self.gender_all[self.utk_found]
+
+    @property
+    def emotion(self) -> np.ndarray:
+        return self.emotion_all[self.fer_found]
+
+
+def load_sets() -> AttributeSets:
+    """``<data_dir>/attributes``: UTKFace (age, gender in the file name), FER2013 (emotion folder)."""
+    root = data_dir() / "attributes"
+    utk_files = sorted((root / "utkface").glob("*.jpg"))
+    fer_files = sorted((root / "fer2013").glob("*/*.jpg"))
+    utk, _, utk_found = load_faces(utk_files)
+    fer, fer_lm, fer_found = load_faces(fer_files)
+    names = [f.name.split("_") for f in utk_files]
+    age_all = np.array([int(n[0]) for n in names])
+    gender_all = np.array(["male" if n[1] == "0" else "female" for n in names])
+    emotion_all = np.array([f.parent.name for f in fer_files])
+    return AttributeSets(utk, fer, utk_files, fer_files, utk_found, fer_found, fer_lm, age_all, gender_all,
+                         emotion_all)
+
+
 def f1_table(pred: np.ndarray, true: np.ndarray, labels: tuple[str, ...]) -> str:
     rows = []
     for label in labels:
@@ -193,16 +237,11 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args()
     header("built-in attributes: accuracy and cost")
-    root = data_dir() / "attributes"
-    utk_files = sorted((root / "utkface").glob("*.jpg"))
-    fer_files = sorted((root / "fer2013").glob("*/*.jpg"))
-    utk, _, utk_found = load_faces(utk_files)
-    fer, fer_lm, fer_found = load_faces(fer_files)
-    names = [f.name.split("_") for f in utk_files]
-    age_all = np.array([int(n[0]) for n in names])
-    gender_all = np.array(["male" if n[1] == "0" else "female" for n in names])
-    emotion_all = np.array([f.parent.name for f in fer_files])
-    age, gender, emotion = age_all[utk_found], gender_all[utk_found], emotion_all[fer_found]
+    sets = load_sets()
+    utk, fer, fer_lm, utk_found, fer_found = sets.utk, sets.fer, sets.fer_landmarks, sets.utk_found, sets.fer_found
+    utk_files, fer_files = sets.utk_files, sets.fer_files
+    age, gender, emotion = sets.age, sets.gender, sets.emotion
+    age_all, gender_all, emotion_all = sets.age_all, sets.gender_all, sets.emotion_all
     print(f"UTKFace: {utk_found.sum()} faces in {len(utk_files)} photos; FER2013: {fer_found.sum()} faces in "
           f"{len(fer_files)} photos (figures over faces found)")
     side, centre = fit_crop(fer_lm)

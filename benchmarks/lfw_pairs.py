@@ -21,6 +21,7 @@ import argparse
 import csv
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from common import data_dir, header  # noqa: E402
 from pipeline.decoding import decode_image  # noqa: E402
 from pipeline.embed import Embedder  # noqa: E402
 from pipeline.faces import FaceDetector, crop_chips  # noqa: E402
+from pipeline.geometry import DLIB_CHIP  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 FOLDS = 10
@@ -68,42 +70,63 @@ def ten_fold(scores: np.ndarray, same: np.ndarray, found: np.ndarray) -> tuple[n
     return np.array(accs), np.array(ths)
 
 
+@dataclass
+class LfwPairs:
+    """The pairs and the chip of every photo in them (photos without a face have none)."""
+
+    rows: list[dict[str, str]]
+    same: np.ndarray          # per pair
+    found: np.ndarray         # per pair: both photos have a face
+    chips: np.ndarray         # N×128×128×3, one per photo with a face
+    index: dict[str, int]     # photo path → row of ``chips``
+    missing: list[str]        # photos without a face
+    crop_seconds: float
+
+    def accuracy(self, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-fold accuracy and threshold of the unit embeddings ``vecs`` (rows of ``chips``)."""
+        scores = np.array([float(vecs[self.index[r["path_a"]]] @ vecs[self.index[r["path_b"]]]) if ok else 0.0
+                           for r, ok in zip(self.rows, self.found)])
+        return ten_fold(scores, self.same, self.found)
+
+
+def load_pairs(geometry=DLIB_CHIP) -> LfwPairs:
+    """``<data_dir>/pairs``: decode → YuNet (defaults) → the central face's chip, every photo once."""
+    root = data_dir() / "pairs"
+    with open(root / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    same = np.array([int(r["same"]) for r in rows], bool)
+    paths = sorted({r[k] for r in rows for k in ("path_a", "path_b")})
+    detector = FaceDetector()
+    t0 = time.perf_counter()
+    chips = {p: central_chip(root / p, detector, geometry) for p in paths}
+    t_crop = time.perf_counter() - t0
+    have = [p for p in paths if chips[p] is not None]
+    found = np.array([chips[r["path_a"]] is not None and chips[r["path_b"]] is not None for r in rows])
+    batch = np.stack([chips[p] for p in have]) if have else np.zeros((0, 128, 128, 3), np.uint8)
+    return LfwPairs(rows, same, found, batch, {p: i for i, p in enumerate(have)},
+                    sorted(set(paths) - set(have)), t_crop)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
 
     header("LFW pairs, 10-fold verification accuracy (decode → YuNet → align → embed)")
-    root = data_dir() / "pairs"
-    with open(root / "pairs.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    same = np.array([int(r["same"]) for r in rows], bool)
-    paths = sorted({r[k] for r in rows for k in ("path_a", "path_b")})
-
     embedders = {"plain": Embedder(threads=args.threads), "flip TTA": Embedder(threads=args.threads, flip_tta=True)}
-    geometry = embedders["plain"].spec.geometry
-    detector = FaceDetector()
-    t0 = time.perf_counter()
-    chips = {p: central_chip(root / p, detector, geometry) for p in paths}
-    t_crop = time.perf_counter() - t0
-    have = [p for p in paths if chips[p] is not None]
-    missing = sorted(set(paths) - set(have))
-    found = np.array([chips[r["path_a"]] is not None and chips[r["path_b"]] is not None for r in rows])
-    print(f"pairs: {len(rows)} ({same.sum()} same), photos: {len(paths)}, no face found in "
-          f"{len(missing)} photos → {(~found).sum()} pairs counted wrong {missing[:5]}")
-    print(f"decode+detect+align: {t_crop:.1f} s ({1000 * t_crop / len(paths):.1f} ms/photo)")
+    lfw = load_pairs(embedders["plain"].spec.geometry)
+    n_photos = len(lfw.index) + len(lfw.missing)
+    print(f"pairs: {len(lfw.rows)} ({lfw.same.sum()} same), photos: {n_photos}, no face found in "
+          f"{len(lfw.missing)} photos → {(~lfw.found).sum()} pairs counted wrong {lfw.missing[:5]}")
+    print(f"decode+detect+align: {lfw.crop_seconds:.1f} s ({1000 * lfw.crop_seconds / n_photos:.1f} ms/photo)")
     print(f"embedder: {embedders['plain'].model_id}, torch threads {__import__('torch').get_num_threads()}\n")
 
-    batch = np.stack([chips[p] for p in have]) if have else np.zeros((0, 128, 128, 3), np.uint8)
-    index = {p: i for i, p in enumerate(have)}
     print(f"{'variant':<10}{'accuracy':>18}{'threshold (cos)':>18}{'embed s':>9}")
     for name, emb in embedders.items():
         t0 = time.perf_counter()
-        vecs = emb(batch)
+        vecs = emb(lfw.chips)
         t_emb = time.perf_counter() - t0
-        scores = np.array([float(vecs[index[r["path_a"]]] @ vecs[index[r["path_b"]]]) if ok else 0.0
-                           for r, ok in zip(rows, found)])
-        accs, ths = ten_fold(scores, same, found)
+        accs, ths = lfw.accuracy(vecs)
         print(f"{name:<10}{100 * accs.mean():>11.2f} ± {100 * accs.std():.2f}%"
               f"{ths.mean():>12.3f} ± {ths.std():.3f}{t_emb:>9.1f}")
 

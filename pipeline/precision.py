@@ -101,8 +101,9 @@ def choose(requested: str, device_type: str) -> PrecisionChoice:
         return PrecisionChoice("fp16", requested, "auto: GPU without bf16")
     features = cpu_bf16_features()
     if requested != "auto":
-        slow = requested == "bf16" and not features or requested == "fp16"
-        return PrecisionChoice(requested, requested, "forced" + (", emulated on this CPU: slow" if slow else ""))
+        if requested == "bf16" and not features:
+            return PrecisionChoice(requested, requested, "forced, emulated on this CPU: slow")
+        return PrecisionChoice(requested, requested, "forced" + (", slower than fp32 on CPU" if requested == "fp16" else ""))
     if features:
         return PrecisionChoice("bf16", requested, f"auto: CPU has {'/'.join(features)}")
     return PrecisionChoice("fp32", requested, "auto: CPU without native bf16")
