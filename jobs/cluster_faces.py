@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sheet-people", type=positive_int, default=40, help="people on the contact sheet (default 40)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
+    from pipeline.progress import add_arguments
+
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -43,9 +46,12 @@ def _cluster(args: argparse.Namespace) -> int:
     from pipeline.people import cluster_table, read_faces  # noqa: I001
 
     read_faces(args.table)  # a table without faces or embeddings fails before Ray starts
-    init_ray(args.ray_address, args.num_cpus)
-    summary = cluster_table(args.table, args.output, resume=args.resume, sheet_people=args.sheet_people,
-                            log=lambda m: print(m, flush=True))
+    from pipeline.progress import Heartbeat
+
+    init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
+    with Heartbeat("cluster_faces", args.progress_every) as beat:  # a line when a phase runs long
+        summary = cluster_table(args.table, args.output, resume=args.resume, sheet_people=args.sheet_people,
+                                log=beat.log)
     print("\n".join(["", "== faceray cluster_faces summary", *summary.lines()]))
     return 0
 

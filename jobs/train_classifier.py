@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune", action="store_true", help="not implemented (heads on frozen embeddings)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
+    from pipeline.progress import add_arguments
+
+    add_arguments(p)
     args = p.parse_args(argv)
     if args.val_frac + args.test_frac >= 0.8:
         p.error("--val-frac + --test-frac must leave most photos for training")
@@ -122,7 +125,10 @@ def _train(args: argparse.Namespace) -> int:
                       else PEOPLE_TARGET_FRR if args.layout == "people" else TrainConfig.target_frr,
                       max_failures=args.max_failures)
     cache = args.cache or str(Path(settings.cache_dir) / "embeddings")
-    init_ray(args.ray_address, args.num_cpus)
+    from pipeline import progress
+
+    progress.configure(every=args.progress_every)
+    init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
     outcome = train(args.data, args.output, args.layout, args.task, cfg, settings, cache_uri=cache,
                     unknown_uri=args.unknown, report=not args.no_report,
                     keep_checkpoints=args.keep_checkpoints, names_uri=args.names)

@@ -34,6 +34,13 @@ from typing import Any, Callable, Iterator, TextIO
 NAMESPACE = "faceray"
 DEFAULT_EVERY_S = 10.0
 WINDOW_S = 60.0
+_defaults = {"every": DEFAULT_EVERY_S}
+
+
+def configure(every: float | None = None) -> None:
+    """A job's ``--progress-every``, for the watches deep inside it (training's embedding pass)."""
+    if every:
+        _defaults["every"] = float(every)
 
 # ------------------------------------------------------------------ the counting actor
 
@@ -198,11 +205,12 @@ def use_bar(stream: TextIO | None = None) -> bool:
 class Watch:
     """The driver's side: polls the board from a thread while the job's main work runs."""
 
-    def __init__(self, board, label: str, total: int, every: float = DEFAULT_EVERY_S,
+    def __init__(self, board, label: str, total: int, every: float | None = None,
                  log: Callable[[str], None] | None = None, bar: bool | None = None,
-                 on_event: Callable[[dict], str | None] | None = None) -> None:
+                 on_event: Callable[[dict], str | None] | None = None, counts: bool = True) -> None:
         self.board, self.label, self.total = board, label, int(total)
-        self.every = max(0.2, float(every))
+        self.every = max(0.2, float(every or _defaults["every"]))
+        self.counts = counts  # False: only the board's events are printed (training epochs)
         self.log = log or (lambda m: print(m, flush=True))
         self.bar_mode = use_bar() if bar is None else bar
         self.on_event = on_event
@@ -239,6 +247,8 @@ class Watch:
             self.log(text)
 
     def _draw(self, snap: dict) -> None:
+        if not self.counts:
+            return
         now = time.monotonic()
         if self._bar is not None:
             b = self._bar
@@ -251,25 +261,26 @@ class Watch:
                     parts.append(f"{recent:.1f}/s last min")
                 parts.append(f"{self.rates.overall(now, done):.1f}/s overall")
                 parts.append(f"ETA {fmt_duration(self.rates.eta(now, done, self.total))}")
-            parts.append(f"{snap['faces']:,} faces")
-            if snap["by_status"]:
+                parts.append(f"{snap['faces']:,} faces")
                 parts.append(fmt_status(snap["by_status"]))
-            b.set_postfix_str(" | ".join(parts), refresh=False)
+            else:
+                parts.append("starting (actors load their models)")
+            b.set_postfix_str(", ".join(parts), refresh=False)
             b.refresh()
         else:
             self.log(progress_line(self.label, snap, now, self.rates))
 
     def _run(self) -> None:
-        step = 1.0 if self._bar is not None else self.every
+        step = 1.0 if self._bar is not None or not self.counts else self.every
         while not self._stop.wait(step):
             self._draw(self.poll())
 
     def start(self) -> "Watch":
-        if self.bar_mode:
+        if self.bar_mode and self.counts:
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=self.label, unit="photo", dynamic_ncols=True,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}",
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                              file=sys.stderr, mininterval=0)
         self._draw(self.last)  # the first line: the total, known from the start
         self._thread = threading.Thread(target=self._run, name=f"faceray-progress-{self.label}", daemon=True)
@@ -290,15 +301,16 @@ class Watch:
 
 
 @contextmanager
-def watch(job: str, run_id: str, label: str, total: int, every: float = DEFAULT_EVERY_S,
+def watch(job: str, run_id: str, label: str, total: int, every: float | None = None,
           log: Callable[[str], None] | None = None, bar: bool | None = None,
-          on_event: Callable[[dict], str | None] | None = None) -> Iterator[Watch]:
-    """Create the run's board and watch it while the body runs; ``w.board`` goes to the stages,
-    ``w.last`` holds the final counts afterwards."""
+          on_event: Callable[[dict], str | None] | None = None, counts: bool = True,
+          board=None) -> Iterator[Watch]:
+    """Create the run's board (or take ``board``) and watch it while the body runs; ``w.board``
+    goes to the stages, ``w.last`` holds the final counts afterwards; the board goes at the end."""
     import ray
 
-    board = create_board(job, run_id, total)
-    w = Watch(board, label, total, every, log, bar, on_event).start()
+    board = board or create_board(job, run_id, total)
+    w = Watch(board, label, total, every, log, bar, on_event, counts).start()
     ok = False
     try:
         yield w
@@ -479,3 +491,50 @@ def add_arguments(parser) -> None:  # noqa: ANN001  (argparse.ArgumentParser)
     parser.add_argument("--progress-every", type=seconds, default=DEFAULT_EVERY_S, metavar="SECONDS",
                         help="a progress line every SECONDS when the output is not a terminal "
                              f"(default {DEFAULT_EVERY_S:g}; on a terminal a bar; FACERAY_PROGRESS=log|bar forces one)")
+
+
+def epoch_line(ev: dict) -> str:
+    """``epoch 3/60: train loss 0.412 | val identity@linear acc 0.931, identity@mlp acc 0.945 | 1.2 s``
+    from the metrics a Train worker reports (``ddp.train_loop``)."""
+    vals = []
+    for k, v in ev.items():
+        m = re.fullmatch(r"val_(.+)_(acc|mae)", k)
+        if m and v == v:
+            vals.append(f"{m[1]} {m[2]} {v:.3f}")
+    tail = " (stopping: no validation gain)" if ev.get("stopped") and ev.get("epoch", 0) + 1 < ev.get("epochs", 0) else ""
+    return (f"epoch {ev.get('epoch', 0) + 1}/{ev.get('epochs', '?')} (max): train loss {ev.get('train_loss', float('nan')):.4f}"
+            f" | val {', '.join(vals) or '-'} | {ev.get('rows_per_s_per_worker', 0):,.0f} rows/s/worker"
+            f" | {ev.get('epoch_seconds', 0):.2f} s{tail}")
+
+
+class Heartbeat:
+    """For jobs made of phases that log when each ends (cluster_faces): passes each line
+    through and, after ``every`` seconds without one, says the job is still working, for
+    how long, and what finished last."""
+
+    def __init__(self, label: str, every: float | None = None, log: Callable[[str], None] | None = None) -> None:
+        self.label, self.every = label, max(0.2, float(every or _defaults["every"]))
+        self._log = log or (lambda m: print(m, flush=True))
+        self.started = self._last_at = time.monotonic()
+        self._last = "started"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"faceray-heartbeat-{label}", daemon=True)
+
+    def log(self, msg: str) -> None:
+        self._last, self._last_at = msg.split(":", 1)[0].split(" ", 1)[0] or msg, time.monotonic()
+        self._log(msg)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            now = time.monotonic()
+            if now - self._last_at >= self.every - 0.05:
+                self._log(f"{self.label}: working [{fmt_duration(now - self.started)}]; last step {self._last} "
+                          f"finished {fmt_duration(now - self._last_at)} ago")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -154,3 +154,17 @@ def test_progress_line_format():
                                   100.0, r)
     assert line.startswith("scoring: 1,000/10,000,000 photos (0%) [0:01:40] | 10.0 photos/s last min, 10.0 overall")
     assert "ETA 11d 13:45:00" in line and "2,345 faces | ok 990, no_face 8, decode_error 2" in line
+
+
+def test_epoch_line_and_heartbeat():
+    line = progress.epoch_line({"epoch": 2, "epochs": 60, "train_loss": 0.41234, "val_identity@linear_acc": 0.93,
+                                "val_age@mlp_mae": 6.25, "val_identity@linear_loss": 0.2,
+                                "rows_per_s_per_worker": 12345.0, "epoch_seconds": 1.234, "stopped": False})
+    assert line == ("epoch 3/60 (max): train loss 0.4123 | val identity@linear acc 0.930, age@mlp mae 6.250 "
+                    "| 12,345 rows/s/worker | 1.23 s")
+    said: list[str] = []
+    with progress.Heartbeat("cluster_faces", 0.3, said.append) as beat:
+        beat.log("[reading] 10 faces from x: 0.0 s")
+        time.sleep(1.0)
+    assert said[0].startswith("[reading]")
+    assert any(s.startswith("cluster_faces: working [0:00:0") and "last step [reading]" in s for s in said[1:]), said

@@ -160,6 +160,9 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.broadcast(flag, src=0)
             stop = bool(flag.item())
         metrics["stopped"] = stop
+        if rank == 0 and config.get("progress") is not None:  # the driver prints a line per epoch
+            config["progress"].event.remote({**metrics, "epochs": config["epochs"],
+                                             "epoch_seconds": time.monotonic() - t0})
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
@@ -216,6 +219,9 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
     cpu_per_worker = 1.0 if cfg.use_gpu else min(1.0, float(res.get("CPU", 1)) / cfg.workers)
     fs, path = storage.resolve(storage_uri)
     run_name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    from pipeline import progress
+
+    config["progress"] = board = progress.create_board("train-fit", run_name, cfg.epochs)  # epochs → driver
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
@@ -226,7 +232,9 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
         datasets={"train": ds})
     log(f"Ray Train: {cfg.workers} worker(s), heads {variants}, {len(train.x)} train / {len(val.x)} val faces, "
         f"checkpoints under {storage_uri.rstrip('/')}/{run_name}")
-    result = trainer.fit()
+    with progress.watch("train-fit", run_name, "fit", cfg.epochs, log=log, on_event=progress.epoch_line,
+                        counts=False, board=board):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:

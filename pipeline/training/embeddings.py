@@ -47,13 +47,15 @@ def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: 
     """The scoring job's stages on Ray Data, main faces only: ``table.MAIN_FACE_SCHEMA`` rows."""
     import ray
 
+    from pipeline import progress
     from pipeline.resources import plan_resources
     from pipeline.stages import face_dataset
 
     plan = plan_resources(ray.cluster_resources())
     log(f"embedding {manifest.num_rows} photos: {plan.describe()}")
-    ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta, main_only=True)
-    parts = [p for p in ray.get(ds.to_arrow_refs()) if p.num_rows]
+    with progress.watch("train-embed", progress.new_run_id(), "embedding", manifest.num_rows, log=log) as w:
+        ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta, main_only=True, progress=w.board)
+        parts = [p for p in ray.get(ds.to_arrow_refs()) if p.num_rows]
     return pa.concat_tables(parts) if parts else table.MAIN_FACE_SCHEMA.empty_table()
 
 
