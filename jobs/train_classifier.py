@@ -102,7 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_job("train_classifier", lambda: _train(args))
+    from pipeline.stopping import resume_command
+
+    return run_job("train_classifier", lambda: _train(args), resume=resume_command() + (
+        f"   (the same command: the fit continues from its last checkpoint under {args.output.rstrip('/')}/checkpoints)"))
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ With ``head="auto"`` a linear and an MLP head are trained side by side in the sa
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -15,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 
@@ -118,6 +121,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
+        if st.get("stopped"):  # that fit had finished (stopped after it): hand its state back
+            _report(rank, dict(st["history"][-1]), st)
+            return
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         best, history = st["best"], st["history"]
@@ -163,15 +169,34 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and config.get("progress") is not None:  # the driver prints a line per epoch
             config["progress"].event.remote({**metrics, "epochs": config["epochs"],
                                              "epoch_seconds": time.monotonic() - t0})
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                            "best": best, "history": history}, os.path.join(d, "train_state.pt"))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+        _report(rank, metrics, {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                                "best": best, "history": history, "stopped": stop})
         if stop:
             break
+
+
+def _report(rank: int, metrics: dict, state: dict) -> None:
+    """Report an epoch; rank 0 with the checkpoint of ``state``."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save(state, os.path.join(d, "train_state.pt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _run_name(config: dict, train: Encoded, val: Encoded) -> str:
+    """``fit-<hash>`` of what the fit learns from (settings, specs, data): a restarted job with
+    the same flags and data finds its checkpoints; another one starts afresh."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("val", "progress")},
+                                  sort_keys=True, default=str).encode())
+    for part in (train, val):
+        h.update(np.ascontiguousarray(part.x, dtype=np.float32).tobytes())
+        for k in sorted(part.y):
+            h.update(k.encode() + np.ascontiguousarray(part.y[k]).tobytes())
+    return f"fit-{h.hexdigest()[:16]}"
 
 
 def check_cluster(cfg: TrainConfig) -> dict[str, float]:
@@ -218,7 +243,9 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
               "val": {"x": val.x, **{f"y_{k}": v for k, v in val.y.items()}}}
     cpu_per_worker = 1.0 if cfg.use_gpu else min(1.0, float(res.get("CPU", 1)) / cfg.workers)
     fs, path = storage.resolve(storage_uri)
-    run_name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    run_name = _run_name(config, train, val)  # the same job again continues this run's checkpoints
+    if fs.get_file_info(f"{path}/{run_name}").type != pafs.FileType.NotFound:
+        log(f"continuing the interrupted fit from its last checkpoint in {storage_uri.rstrip('/')}/{run_name}")
     from pipeline import progress
 
     config["progress"] = board = progress.create_board("train-fit", run_name, cfg.epochs)  # epochs → driver
@@ -230,6 +257,9 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds})
+    # a stop is the job's (pipeline/stopping.py); Train's own SIGINT handler only asks the run
+    # to abort, and fit() then returns as if it had finished
+    trainer._register_sigint_handler = lambda controller: None
     log(f"Ray Train: {cfg.workers} worker(s), heads {variants}, {len(train.x)} train / {len(val.x)} val faces, "
         f"checkpoints under {storage_uri.rstrip('/')}/{run_name}")
     with progress.watch("train-fit", run_name, "fit", cfg.epochs, log=log, on_event=progress.epoch_line,
