@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_job("cluster_faces", lambda: _cluster(args))
+    from pipeline.stopping import resume_command
+
+    return run_job("cluster_faces", lambda: _cluster(args), resume=resume_command())
 
 
 def _cluster(args: argparse.Namespace) -> int:

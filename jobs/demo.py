@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.photos and not Path(args.photos).is_dir():
         p.error(f"--photos {args.photos}: not a folder")
+    from jobs.cli import run_job
 
+    return run_job("demo", lambda: _demo(args))  # Ctrl-C: S3 and Ray stopped, exit 130
+
+
+def _demo(args: argparse.Namespace) -> int:
     import os
 
     import pyarrow.dataset as pads

@@ -40,7 +40,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import stopping, storage
 from pipeline.contract import UsageError
 from pipeline.knn import knn_graph
 
@@ -388,20 +388,21 @@ def write_table(output_uri: str, table: pa.Table) -> list[str]:
     run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     _, old = parquet_files(output_uri)
     names = []
-    for n, lo in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
-        name = f"part-{run}-{n:05d}.parquet"
-        with fs.open_output_stream(f"{path}/{name}") as f:
-            pq.write_table(table.slice(lo, ROWS_PER_FILE), f, compression="zstd")
-        names.append(name)
-    for p in old:
-        fs.delete_file(p)
+    with stopping.deferred():  # a Ctrl-C waits: never old and new people side by side
+        for n, lo in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
+            name = f"part-{run}-{n:05d}.parquet"
+            buf = io.BytesIO()
+            pq.write_table(table.slice(lo, ROWS_PER_FILE), buf, compression="zstd")
+            storage.put_atomic(fs, f"{path}/{name}", buf.getvalue())
+            names.append(name)
+        for p in old:
+            fs.delete_file(p)
     return names
 
 
 def write_text(output_uri: str, name: str, text: str) -> None:
     fs, path = storage.resolve(output_uri)
-    with fs.open_output_stream(f"{path}/{name}") as f:
-        f.write(text.encode())
+    storage.put_atomic(fs, f"{path}/{name}", text.encode())
 
 
 # ---------------------------------------------------------------- contact sheet

@@ -109,10 +109,12 @@ class LocalS3:
         return n
 
     def stop(self) -> None:
+        from pipeline import stopping
+
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
+            try:  # 3-12 s to go on its own; a job being stopped (Ctrl-C) waits 2 s
+                self.proc.wait(timeout=2 if stopping.requested() else 20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
