@@ -22,10 +22,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]     # Settings.precision's type
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 #: /proc/cpuinfo flags that mean native bf16 arithmetic (x86: AMX tiles, AVX512 dot
 #: products; aarch64 "Features": the BF16 extension).

@@ -8,12 +8,12 @@ behind the caller's back (pydantic-settings, as immich's ML service does).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.contract import DEFAULT_MAX_PIXELS
+from pipeline.precision import Precision
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="bigger photos get status too_large")
     max_bytes: int = Field(200 * 1024 * 1024, ge=1, description="bigger files get status too_large")
     attributes: bool = Field(True, description="built-in age, gender, emotion (--no-attributes: off)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="face networks' precision; auto: bf16 where the CPU/GPU has it, else fp32 "
                             "(CPU) / fp16 (GPU): pipeline/precision.py")
     api_token: str | None = Field(None, description="bearer token the HTTP API requires")
