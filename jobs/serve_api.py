@@ -3,8 +3,8 @@
     python jobs/serve_api.py --model s3://models/m1 --table s3://predictions/run1 --port 8000
 
 Starts (or joins, with --ray-address / RAY_ADDRESS) Ray, serves on 127.0.0.1 until Ctrl-C
-or SIGTERM, then shuts Serve down (at most 5 s) and the local Ray it started, and exits
-130 / 143.  The token comes from FACERAY_API_TOKEN (or --token-env).
+or SIGTERM, then stops the local Ray it started with Serve in it (on a joined cluster: shuts
+Serve down, at most 5 s), and exits 130 / 143.  The token comes from FACERAY_API_TOKEN (or --token-env).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from jobs.cli import positive_int, run_job  # noqa: E402
 
-SERVE_SHUTDOWN_S = 5.0  # then the local Ray is stopped under Serve
+SERVE_SHUTDOWN_S = 5.0  # serve.shutdown on a joined cluster, at most
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.runtime import init_ray  # first: loads torch before ray
+    from pipeline.runtime import init_ray, started_local  # first: loads torch before ray
     from ray import serve  # noqa: I001
 
     from pipeline import stopping
@@ -60,11 +60,13 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return _run(serve, args, settings, APP_NAME, build_app)
     except stopping.Stopped as stop:
-        # Serve's controller can take 30 s and more to go when its replicas got the same
-        # Ctrl-C: bounded here, then run_job stops the local Ray under it.
+        if started_local():  # Serve goes with the local Ray that run_job stops next
+            stop.done.append("Serve stopped with the local Ray")
+            raise
+        # on a cluster: remove the app; Serve's controller can take 30 s and more to go
+        # (when its replicas got the same Ctrl-C), so that is bounded
         ok = stopping.bounded(serve.shutdown, SERVE_SHUTDOWN_S)
-        stop.done.append("Serve shut down" if ok else
-                         f"serve.shutdown did not finish in {SERVE_SHUTDOWN_S:g} s (Ray is stopped under it)")
+        stop.done.append("Serve shut down" if ok else f"serve.shutdown did not finish in {SERVE_SHUTDOWN_S:g} s")
         raise
 
 
