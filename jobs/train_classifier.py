@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=positive_int, default=8, help="epochs without validation gain before stopping")
     p.add_argument("--head", choices=("auto", "linear", "mlp"), default="auto",
                    help="head type; auto trains both in one run and keeps the better per task on validation")
+    p.add_argument("--features", default="auto", metavar="auto|identity|age,gender,…",
+                   help="what the heads read: auto (default) trains each head on the identity embedding "
+                        "and on each attribute network's penultimate features (age, gender, emotion) and "
+                        "keeps the best per task on validation; identity: the embedding only; or a "
+                        "comma-separated list. Open-set (identity-like) tasks always read the embedding")
     p.add_argument("--hidden", type=positive_int, default=256, help="MLP hidden width")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -121,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.open_set:
         open_set = [] if args.open_set.strip().lower() == "none" else [t.strip() for t in args.open_set.split(",") if t.strip()]
     cfg = TrainConfig(workers=args.workers, use_gpu=args.use_gpu, epochs=args.epochs, patience=args.patience,
-                      head=args.head, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
+                      head=args.head, features=args.features, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
                       val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
                       task_weights=args.task_weights, open_set=open_set,
                       target_frr=args.target_frr if args.target_frr is not None

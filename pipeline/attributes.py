@@ -414,6 +414,12 @@ def resample(chips: torch.Tensor, spec: NetInput) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+#: Width of each network's penultimate features (``AttributeOutput.features``): what trained
+#: heads may read instead of the identity embedding (``TaskSpec.features``).
+FEATURE_DIMS: dict[str, int] = {"age": CydralAgeNet.feature_dim, "gender": CydralGenderNet.feature_dim,
+                                "emotion": MiniXception.feature_dim}
+
+
 @dataclass
 class AttributeOutput:
     """Everything one forward pass gives: predictions, class probabilities, features."""

@@ -18,6 +18,11 @@ Prediction rules (documented in the README):
   (face, label) pairs; a face that loses its best label gets its next acceptable one, or
   ``unknown``.  The score is the softmax probability of the label given (for ``unknown``:
   of the best label that was rejected).
+* input: a head reads the identity embedding (``TaskSpec.features`` "identity", the default)
+  or one attribute network's penultimate features ("age", "gender", "emotion": see
+  ``pipeline.attributes.FEATURE_DIMS``), standardised by the training features' mean and
+  standard deviation (buffers of the head, saved with it).  ``bundle.feature_sets`` says
+  which attribute features ``raw``/``predict`` must be given.
 * regression: the head predicts a value and the expected absolute error ``b`` (Laplace
   scale); the value is in the task's own units, the score is ``exp(-b / std)`` in (0, 1]
   where ``std`` is the training targets' standard deviation — 1 means "very sure".
@@ -37,7 +42,9 @@ import torch.nn as nn
 
 from pipeline.contract import CLASSIFICATION, EMBEDDING_DIM, REGRESSION, UNKNOWN, ModelFileError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # written when a task reads attribute features
+READABLE_VERSIONS = (1, 2)      # 1: every head on the identity embedding (no "features" key)
+IDENTITY = "identity"
 IDENTITY_TASK_NAMES = frozenset({"identity", "person", "name"})
 
 
@@ -49,6 +56,7 @@ class TaskSpec:
     kind: str                                   # classification | regression
     labels: list[str] = field(default_factory=list)
     head: str = "linear"                        # linear | mlp
+    features: str = IDENTITY                    # identity | age | gender | emotion: the head's input
     hidden: int = 256
     open_set: bool = False                      # reject to "unknown" (identities)
     exclusive: bool = False                     # each label at most once per photo
@@ -78,12 +86,35 @@ class TaskSpec:
             raise ValueError(f"task {spec.name!r} has unknown kind {spec.kind!r}")
         if spec.kind == CLASSIFICATION and not spec.labels:
             raise ValueError(f"classification task {spec.name!r} has no labels")
+        feature_dim(spec.features)  # raises for an unknown feature set
         return spec
 
 
 def default_open_set(name: str) -> bool:
     """Identity-like tasks are open-set and exclusive; attributes (age, emotion) are not."""
     return name.lower() in IDENTITY_TASK_NAMES
+
+
+def feature_dim(features: str) -> int:
+    """Input width of a head reading ``features`` (the identity embedding or an attribute
+    network's penultimate features)."""
+    from pipeline.attributes import FEATURE_DIMS
+
+    if features == IDENTITY:
+        return EMBEDDING_DIM
+    if features not in FEATURE_DIMS:
+        raise ValueError(f"unknown features {features!r} ({', '.join([IDENTITY, *FEATURE_DIMS])})")
+    return FEATURE_DIMS[features]
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """``"mlp+age"`` → ("mlp", "age"); ``"linear"`` → ("linear", "identity")."""
+    head, _, features = variant.partition("+")
+    return head, features or IDENTITY
+
+
+def variant_name(head: str, features: str) -> str:
+    return head if features == IDENTITY else f"{head}+{features}"
 
 
 class InputScale(nn.Module):
@@ -97,25 +128,56 @@ class InputScale(nn.Module):
         return x * self.factor
 
 
-def make_head(spec: TaskSpec, variant: str | None = None, dim: int = EMBEDDING_DIM,
-              dropout: float = 0.2) -> nn.Module:
-    variant = variant or spec.head
-    # Unit embeddings have per-dimension values ~1/sqrt(dim): scale them to ~unit variance
-    # so the heads train at ordinary learning rates (a fixed factor, not a parameter).
-    scale = InputScale(math.sqrt(dim))
-    if variant == "linear":
-        return nn.Sequential(scale, nn.Linear(dim, spec.out_dim))
-    if variant == "mlp":
-        return nn.Sequential(scale, nn.Linear(dim, spec.hidden), nn.GELU(), nn.Dropout(dropout),
+class InputNorm(nn.Module):
+    """Standardise features by fixed per-dimension mean and std (buffers: saved with the
+    head, set from the training features, never trained)."""
+
+    def __init__(self, dim: int, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(np.zeros(dim) if mean is None else mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(np.ones(dim) if std is None else std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (floored, so constant dimensions stay finite) of training features."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
+    std = x.std(0) if len(x) else np.ones(x.shape[1])
+    return mean.astype(np.float32), np.maximum(std, 1e-3 * max(float(std.mean()) if len(x) else 1.0, 1e-6)).astype(np.float32)
+
+
+Norms = dict[str, tuple[np.ndarray, np.ndarray]]   # features → (mean, std) of the training rows
+
+
+def make_head(spec: TaskSpec, variant: str | None = None, dropout: float = 0.2,
+              norms: Norms | None = None) -> nn.Module:
+    """``variant``: ``head[+features]`` (default the spec's own).  Identity embeddings are unit
+    vectors with per-dimension values ~1/sqrt(dim): scaled to ~unit variance by a fixed
+    factor; attribute features are standardised (``InputNorm``, statistics from ``norms``
+    or, for a bundle, from its state dict)."""
+    head, features = split_variant(variant) if variant else (spec.head, spec.features)
+    dim = feature_dim(features)
+    prep: nn.Module = (InputScale(math.sqrt(dim)) if features == IDENTITY
+                       else InputNorm(dim, *(norms or {}).get(features, (None, None))))
+    if head == "linear":
+        return nn.Sequential(prep, nn.Linear(dim, spec.out_dim))
+    if head == "mlp":
+        return nn.Sequential(prep, nn.Linear(dim, spec.hidden), nn.GELU(), nn.Dropout(dropout),
                              nn.Linear(spec.hidden, spec.out_dim))
-    raise ValueError(f"unknown head type {variant!r} (linear or mlp)")
+    raise ValueError(f"unknown head type {head!r} (linear or mlp)")
 
 
-def build_heads(specs: list[TaskSpec], variants: list[str] | None = None) -> nn.ModuleDict:
-    """A ModuleDict of heads keyed ``task`` (bundle) or ``task@variant`` (training several)."""
+def build_heads(specs: list[TaskSpec], variants: list[str] | dict[str, list[str]] | None = None,
+                norms: Norms | None = None) -> nn.ModuleDict:
+    """A ModuleDict of heads keyed ``task`` (bundle) or ``task@variant`` (training several);
+    ``variants`` the same for every task, or per task name."""
     if variants is None:
         return nn.ModuleDict({s.name: make_head(s) for s in specs})
-    return nn.ModuleDict({f"{s.name}@{v}": make_head(s, v) for s in specs for v in variants})
+    per = variants if isinstance(variants, dict) else {s.name: variants for s in specs}
+    return nn.ModuleDict({f"{s.name}@{v}": make_head(s, v, norms=norms) for s in specs for v in per[s.name]})
 
 
 # ---------------------------------------------------------------- open set + assignment
@@ -299,6 +361,8 @@ class ModelBundle:
                            for k, v in state.items() if k.startswith("centroids.")}
         self._heads = build_heads(self.specs)
         self._heads.load_state_dict(heads_state)
+        #: attribute features the heads read (``raw``/``predict`` need them), sorted
+        self.feature_sets: list[str] = sorted({s.features for s in self.specs} - {IDENTITY})
         self._heads.eval()
         for p in self._heads.parameters():
             p.requires_grad_(False)
@@ -335,10 +399,10 @@ class ModelBundle:
             meta = json.loads(meta_bytes)
         except ValueError as exc:
             raise ModelFileError(f"model {uri}: model.json is not JSON ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
             raise ModelFileError(f"model {uri}: unsupported model.json format_version "
                              f"{meta.get('format_version') if isinstance(meta, dict) else None!r} "
-                             f"(this build reads {FORMAT_VERSION})")
+                             f"(this build reads {', '.join(map(str, READABLE_VERSIONS))})")
         if content_hash(meta, weights) != meta.get("model_version"):
             raise ModelFileError(f"model {uri}: heads.pt or model.json changed since the bundle was "
                              "written (content hash mismatch)")
@@ -359,7 +423,9 @@ class ModelBundle:
         buf = io.BytesIO()
         torch.save(bundle_state(heads_state, centroids), buf)
         weights = buf.getvalue()
-        meta = {"format_version": FORMAT_VERSION, **extra, "tasks": [s.to_json() for s in specs]}
+        # version 1 while every head reads the identity embedding: older builds still load it
+        version = FORMAT_VERSION if any(s.features != IDENTITY for s in specs) else 1
+        meta = {"format_version": version, **extra, "tasks": [s.to_json() for s in specs]}
         meta["model_version"] = content_hash(meta, weights)
         fs, path = storage.resolve(uri)
         fs.create_dir(path, recursive=True)
@@ -370,14 +436,33 @@ class ModelBundle:
         return meta
 
     # -- inference
-    def raw(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """Head outputs per task: probabilities (classification) or (value, b) (regression)."""
+    def inputs(self, embeddings: np.ndarray, features: dict[str, np.ndarray] | None = None
+               ) -> dict[str, np.ndarray]:
+        """Each head's input by feature set; a clear error for features the bundle needs
+        but was not given (or given with the wrong shape)."""
+        emb = np.asarray(embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
+        xs = {IDENTITY: emb}
+        missing = [f for f in self.feature_sets if f not in (features or {})]
+        if missing:
+            raise ValueError(f"model {self.model_version}: its heads read the attribute features "
+                             f"{missing} (TaskSpec.features) but none were given; compute them with "
+                             "pipeline.attributes.AttributeNets.run(chips).features")
+        for f in self.feature_sets:
+            x = np.asarray(features[f], np.float32)  # type: ignore[index]
+            if x.shape != (len(emb), feature_dim(f)):
+                raise ValueError(f"{f} features: expected {(len(emb), feature_dim(f))}, got {x.shape}")
+            xs[f] = x
+        return xs
+
+    def raw(self, embeddings: np.ndarray, features: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Head outputs per task: probabilities (classification) or (value, b) (regression).
+        ``features``: attribute features by name, needed for ``feature_sets``."""
         torch = self._torch
-        x = torch.from_numpy(np.array(embeddings, np.float32, copy=True).reshape(-1, EMBEDDING_DIM))
+        xs = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in self.inputs(embeddings, features).items()}
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             for s in self.specs:
-                y = self._heads[s.name](x)
+                y = self._heads[s.name](xs[s.features])
                 if s.kind == CLASSIFICATION:
                     out[s.name] = torch.softmax(y, dim=1).numpy()
                 else:
@@ -386,13 +471,15 @@ class ModelBundle:
                     out[s.name] = torch.stack([value, b], 1).numpy()
         return out
 
-    def predict(self, embeddings: np.ndarray, photo_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Labels and scores per task for N faces (see the module docstring for the rules)."""
+    def predict(self, embeddings: np.ndarray, photo_ids: np.ndarray,
+                features: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Labels and scores per task for N faces (see the module docstring for the rules);
+        ``features`` as for :meth:`raw`."""
         emb = np.asarray(embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
         photo_ids = np.asarray(photo_ids).reshape(-1)
         if len(photo_ids) != len(emb):
             raise ValueError(f"{len(emb)} embeddings but {len(photo_ids)} photo ids")
-        raw = self.raw(emb)
+        raw = self.raw(emb, features)
         preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for s in self.specs:
             r = raw[s.name]

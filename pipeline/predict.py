@@ -3,7 +3,9 @@ chips → identity embedding, built-in attributes (age, gender, emotion) and a b
 trained heads; and the rule for which task fills which column.
 
 A bundle task named like a built-in one replaces it (DESIGN.md): the user trained it
-for their photos.
+for their photos.  A bundle whose heads read the attribute networks' penultimate features
+(``ModelBundle.feature_sets``) gets them from the same pass that makes the built-in
+attributes, which then runs even with the built-in attributes off.
 """
 from __future__ import annotations
 
@@ -26,48 +28,68 @@ def table_tasks(attributes: bool, bundle_tasks: Sequence[tuple[str, str]] = ()) 
     return builtin + list(bundle_tasks)
 
 
+Predictions = dict[str, tuple[np.ndarray, np.ndarray]]
+Features = dict[str, np.ndarray]
+
+
 class FaceModels:
     """Embedder + attribute networks (+ a bundle), one per actor or replica.
 
     ``attributes``: built-in attributes on (the default) or off (``--no-attributes``).
+    ``features``: attribute features wanted whatever the bundle (training's embedding pass,
+    the endpoint whose bundle may change); the networks are loaded when the built-in
+    attributes are on, or features are wanted, or the bundle reads them.
     """
 
     def __init__(self, settings: Settings, model_uri: str | None = None, device_batch: int = 32,
-                 flip_tta: bool = False, attributes: bool | None = None) -> None:
+                 flip_tta: bool = False, attributes: bool | None = None, features: bool = False) -> None:
         from pipeline.embed import Embedder
 
         self.embedder = Embedder(settings.weights, flip_tta=flip_tta, batch_size=device_batch,
                                  precision=settings.precision)
-        self.attributes = None
-        if settings.attributes if attributes is None else attributes:
-            from pipeline.attributes import AttributeNets
-
-            self.attributes = AttributeNets(self.embedder.device, batch_size=device_batch,
-                                            precision=settings.precision)
         self.bundle = None
         if model_uri:
             from pipeline.heads import ModelBundle
 
             self.bundle = ModelBundle.load(model_uri)
+        self.builtin_on = bool(settings.attributes if attributes is None else attributes)
+        self.attributes = None
+        if self.builtin_on or features or (self.bundle is not None and self.bundle.feature_sets):
+            from pipeline.attributes import AttributeNets
+
+            self.attributes = AttributeNets(self.embedder.device, batch_size=device_batch,
+                                            precision=settings.precision)
 
     @property
     def tasks(self) -> Tasks:
-        return table_tasks(self.attributes is not None, self.bundle.tasks if self.bundle else ())
+        return table_tasks(self.builtin_on, self.bundle.tasks if self.bundle else ())
 
     @property
     def model_version(self) -> str | None:
         return self.bundle.model_version if self.bundle else None
 
-    def builtin(self, chips: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Built-in attribute predictions (empty when switched off)."""
-        return self.attributes(chips) if self.attributes is not None else {}
+    def attribute_pass(self, chips: np.ndarray) -> tuple[Predictions, Features]:
+        """Built-in attribute predictions (empty when switched off) and the networks'
+        penultimate features (empty when the networks are not loaded), one pass."""
+        if self.attributes is None:
+            return {}, {}
+        out = self.attributes.run(chips)
+        return (out.predictions if self.builtin_on else {}), out.features
 
-    def __call__(self, chips: np.ndarray, photo_ids: np.ndarray
-                 ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Embeddings and every task's (labels, scores), in face order."""
+    def builtin(self, chips: np.ndarray) -> Predictions:
+        """Built-in attribute predictions (empty when switched off)."""
+        return self.attribute_pass(chips)[0]
+
+    def run(self, chips: np.ndarray, photo_ids: np.ndarray) -> tuple[np.ndarray, Predictions, Features]:
+        """Embeddings, every task's (labels, scores) and the attribute features, in face order."""
         emb = self.embedder(chips)
-        preds = self.builtin(chips)
+        preds, feats = self.attribute_pass(chips)
         if self.bundle is not None:
-            preds.update(self.bundle.predict(emb, photo_ids))
+            preds.update(self.bundle.predict(emb, photo_ids, feats))
+        return emb, preds, feats
+
+    def __call__(self, chips: np.ndarray, photo_ids: np.ndarray) -> tuple[np.ndarray, Predictions]:
+        """Embeddings and every task's (labels, scores), in face order."""
+        emb, preds, _ = self.run(chips, photo_ids)
         return emb, preds
 

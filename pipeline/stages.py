@@ -77,13 +77,16 @@ class EmbedStage:
     or with ``main_only`` one row per photo with its main face's embedding (training)."""
 
     def __init__(self, settings: Settings, model_uri: str | None = None, device_batch: int = 32,
-                 flip_tta: bool = False, main_only: bool = False, progress=None) -> None:
+                 flip_tta: bool = False, main_only: bool = False, progress=None,
+                 features: tuple[str, ...] = ()) -> None:
         from pipeline.predict import FaceModels
 
-        # training embeds main faces only: no attributes, no bundle
+        # training embeds main faces only: no built-in attributes, no bundle; the attribute
+        # networks' features of the main face when ``features`` names some
         self.models = FaceModels(settings, None if main_only else model_uri, device_batch, flip_tta,
-                                 attributes=False if main_only else None)
+                                 attributes=False if main_only else None, features=main_only and bool(features))
         self.main_only = main_only
+        self.features = tuple(features)
         self.progress = progress  # a progress.ProgressBoard handle: finished batches are reported to it
 
     def __call__(self, photos: pa.Table) -> pa.Table:
@@ -94,7 +97,8 @@ class EmbedStage:
     def _rows(self, photos: pa.Table) -> pa.Table:
         chips = table.photo_chips(photos, self.models.embedder.spec.geometry.size, self.main_only)
         if self.main_only:
-            return table.main_face_rows(photos, self.models.embedder(chips))
+            feats = self.models.attribute_pass(chips)[1] if self.features else {}
+            return table.main_face_rows(photos, self.models.embedder(chips), {k: feats[k] for k in self.features})
         counts = photos.column("face_count").to_numpy(zero_copy_only=False)
         emb, preds = self.models(chips, np.repeat(np.arange(len(counts)), counts))
         return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version)
@@ -105,9 +109,10 @@ class FaceStage:
     chain, so neither half idles waiting for the other whatever the faces per photo."""
 
     def __init__(self, filesystem: pafs.FileSystem, settings: Settings, model_uri: str | None = None,
-                 device_batch: int = 32, flip_tta: bool = False, main_only: bool = False, progress=None) -> None:
+                 device_batch: int = 32, flip_tta: bool = False, main_only: bool = False, progress=None,
+                 features: tuple[str, ...] = ()) -> None:
         self.crop = CropStage(filesystem, settings)
-        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only, progress)
+        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only, progress, features)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.embed(self.crop(batch))
@@ -115,11 +120,13 @@ class FaceStage:
 
 def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: Plan,
                  model_uri: str | None = None, flip_tta: bool = False, main_only: bool = False,
-                 progress=None):
+                 progress=None, features: tuple[str, ...] = ()):
     """The Ray Data plan scoring and training share: manifest → crop actors → embed actors
     (or one fused pool without GPUs), as a dataset of prediction-table rows (or, with
     ``main_only``, of ``table.MAIN_FACE_SCHEMA`` rows).  ``progress``: a
-    ``progress.ProgressBoard`` handle the embed stage reports each finished batch to."""
+    ``progress.ProgressBoard`` handle the embed stage reports each finished batch to.
+    ``features`` (with ``main_only``): attribute feature sets added as ``features_<name>``
+    columns (``table.main_face_schema``)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -132,7 +139,8 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     fs = resolve(input_uri)[0]
     if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
         return ds.map_batches(
-            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta, main_only, progress),
+            FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta, main_only, progress,
+                                 tuple(features)),
             batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
             compute=ActorPoolStrategy(size=plan.crop_actors))
     ds = ds.map_batches(
@@ -140,7 +148,8 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
         batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
     return ds.map_batches(
-        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only, progress),
+        EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only, progress,
+                                         tuple(features)),
         batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
         num_gpus=plan.embed_gpus or None,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))

@@ -55,6 +55,13 @@ MAIN_FACE_SCHEMA = pa.schema([
 ])
 
 
+def main_face_schema(features: dict[str, int] | None = None) -> pa.Schema:
+    """``MAIN_FACE_SCHEMA`` plus a ``features_<name>`` column per attribute feature set
+    (name → width) that trained heads may read (null with the embedding)."""
+    extra = [pa.field(f"features_{k}", pa.list_(pa.float32(), d)) for k, d in sorted((features or {}).items())]
+    return pa.schema([*MAIN_FACE_SCHEMA, *extra])
+
+
 def prediction_schema(tasks: Sequence[tuple[str, str]] = ()) -> pa.Schema:
     """The contract's schema; ``tasks`` are (name, kind) with kind classification|regression."""
     fields = list(BASE_FIELDS)
@@ -84,22 +91,29 @@ def photo_chips(photos: pa.Table, chip_size: int, main_only: bool = False) -> np
     return np.concatenate(parts).reshape(-1, chip_size, chip_size, 3)
 
 
-def main_face_rows(photos: pa.Table, embeddings: np.ndarray) -> pa.Table:
+def main_face_rows(photos: pa.Table, embeddings: np.ndarray,
+                   features: dict[str, np.ndarray] | None = None) -> pa.Table:
     """One row per photo with its main face's embedding (``embeddings``: one per photo
-    whose ``main_face`` is set, in photo order)."""
+    whose ``main_face`` is set, in photo order) and, given, its attribute features
+    (``main_face_schema``)."""
     has = _valid(photos.column("main_face"))
-    mat = np.zeros((photos.num_rows, EMBEDDING_DIM), np.float32)
-    mat[has] = embeddings
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel(), pa.float32()), EMBEDDING_DIM,
-                                            mask=pa.array(~has))
+
+    def column(values: np.ndarray, width: int) -> pa.Array:
+        mat = np.zeros((photos.num_rows, width), np.float32)
+        mat[has] = np.asarray(values, np.float32).reshape(-1, width)
+        return pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel(), pa.float32()), width, mask=pa.array(~has))
+
+    feats = dict(sorted((features or {}).items()))
     cols = [photos.column(n) for n in ("image_uri", "status", "error", "face_count", "main_face")]
-    return pa.Table.from_arrays([*cols, emb], schema=MAIN_FACE_SCHEMA)
+    return pa.Table.from_arrays(
+        [*cols, column(embeddings, EMBEDDING_DIM), *(column(v, v.shape[1]) for v in feats.values())],
+        schema=main_face_schema({k: v.shape[1] for k, v in feats.items()}))
 
 
-def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A column of embeddings (no nulls) as an N×128 float32 matrix."""
+def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int = EMBEDDING_DIM) -> np.ndarray:
+    """A column of embeddings (or ``dim``-wide features; no nulls) as an N×dim float32 matrix."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, EMBEDDING_DIM)
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
 
 
 def _valid(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

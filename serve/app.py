@@ -52,17 +52,17 @@ class Api:
         photo = await self.faces.analyse.remote(data)
         if photo.status in STATUS_HTTP:
             raise ApiError(STATUS_HTTP[photo.status], f"{photo.status}: {photo.error}")
-        emb, builtin = np.zeros((0, EMBEDDING_DIM), np.float32), None
+        emb, builtin, features = np.zeros((0, EMBEDDING_DIM), np.float32), None, None
         if photo.faces:
-            emb, builtin = await self.embeddings.remote(photo.chips)
-        return photo, emb, builtin
+            emb, builtin, features = await self.embeddings.remote(photo.chips)
+        return photo, emb, builtin, features
 
     @app.post("/v1/faces", response_model=FacesOut, response_model_exclude_unset=True,
               responses=ERRORS, openapi_extra=PHOTO_OPENAPI)
     async def faces_of_photo(self, request: Request, embedding: bool = False) -> dict[str, Any]:
         """Faces of one photo with boxes, landmarks and each task's label (same numbers as the batch job)."""
-        photo, emb, builtin = await self._photo_faces(request)
-        preds, version = await self.heads.predict.remote(emb, builtin)
+        photo, emb, builtin, features = await self._photo_faces(request)
+        preds, version = await self.heads.predict.remote(emb, builtin, features)
         faces = []
         for i, f in enumerate(photo.faces):
             face = {**face_json(f), "predictions": preds[i]}
@@ -78,7 +78,7 @@ class Api:
         authorize(request, self.api_token)
         if not 1 <= k <= MAX_K:
             raise ApiError(400, f"k must be 1..{MAX_K}, got {k}")
-        photo, emb, _ = await self._photo_faces(request)
+        photo, emb, _, _ = await self._photo_faces(request)
         result = await self.predictions.search.remote(emb, k)
         if "error" in result:
             raise ApiError(result["status"], result["error"])
@@ -138,11 +138,11 @@ class Api:
             if photo.status not in (OK, NO_FACE):
                 raise RuntimeError(f"faces stage: probe photo got {photo.status}: {photo.error}")
             chip = np.full((1, 128, 128, 3), 127, np.uint8)
-            emb, builtin = await self.embeddings.remote(chip)
+            emb, builtin, features = await self.embeddings.remote(chip)
             norm = float(np.linalg.norm(emb[0]))
             if not np.isfinite(emb).all() or abs(norm - 1.0) > 1e-3:
                 raise RuntimeError(f"embeddings stage: probe embedding has norm {norm}")
-            preds, version = await self.heads.predict.remote(emb, builtin)
+            preds, version = await self.heads.predict.remote(emb, builtin, features)
             table = await self.predictions.info.remote()
         except Exception as exc:  # report, don't raise: the answer is "unhealthy", not a crash
             return JSONResponse({"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"}, 503)
@@ -169,7 +169,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     opts = serve_actor_options(ray.cluster_resources() if ray.is_initialized() else {})
     faces = Faces.options(ray_actor_options=opts["Faces"],
                           num_replicas=int(args.get("faces_replicas") or 1)).bind(settings)
-    embeddings = Embeddings.options(ray_actor_options=opts["Embeddings"]).bind(settings)
+    # the attribute networks also run with --no-attributes when the bundle's heads read their features
+    features = False
+    if args.get("model") and not settings.attributes:
+        from pipeline.heads import ModelBundle
+
+        features = bool(ModelBundle.load(args["model"]).feature_sets)
+    embeddings = Embeddings.options(ray_actor_options=opts["Embeddings"]).bind(settings, features=features)
     heads = Heads.options(ray_actor_options=opts["Heads"],
                           user_config={"model_uri": args.get("model")}).bind()
     predictions = Predictions.options(

@@ -47,23 +47,28 @@ class Faces:
 
 @serve.deployment(max_ongoing_requests=64)
 class Embeddings:
-    """Face chips → 128-d unit embeddings and the built-in attributes (the batch stage's
-    ``FaceModels``); concurrent requests share a forward pass."""
+    """Face chips → 128-d unit embeddings, the built-in attributes and the attribute networks'
+    features (the batch stage's ``FaceModels``); concurrent requests share a forward pass.
 
-    def __init__(self, settings: Settings, batch_size: int = 32) -> None:
+    ``features``: run the attribute networks even with the built-in attributes off, because
+    the bundle's heads read their features (``build_app`` decides from the bundle)."""
+
+    def __init__(self, settings: Settings, batch_size: int = 32, features: bool = False) -> None:
         from pipeline.predict import FaceModels
 
-        self.models = FaceModels(settings, None, batch_size)
+        self.models = FaceModels(settings, None, batch_size, features=features)
         self.embedder = self.models.embedder
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def __call__(self, chips: list[np.ndarray]) -> list[tuple[np.ndarray, dict]]:
-        """Per request: (embeddings, {task: (labels, scores)}) of its faces."""
+    async def __call__(self, chips: list[np.ndarray]) -> list[tuple[np.ndarray, dict, dict]]:
+        """Per request: (embeddings, {task: (labels, scores)}, {features: N×d}) of its faces."""
         sizes = [len(c) for c in chips]
-        emb, preds = await asyncio.to_thread(self.models, np.concatenate(chips), np.zeros(sum(sizes), np.int64))
+        emb, preds, feats = await asyncio.to_thread(self.models.run, np.concatenate(chips),
+                                                    np.zeros(sum(sizes), np.int64))
         cuts = np.cumsum(sizes)[:-1]
         per_task = {t: (np.split(v, cuts), np.split(s, cuts)) for t, (v, s) in preds.items()}
-        return [(e, {t: (v[i], s[i]) for t, (v, s) in per_task.items()})
+        per_set = {k: np.split(v, cuts) for k, v in feats.items()}
+        return [(e, {t: (v[i], s[i]) for t, (v, s) in per_task.items()}, {k: v[i] for k, v in per_set.items()})
                 for i, e in enumerate(np.split(emb, cuts))]
 
     def info(self) -> dict[str, Any]:
@@ -91,12 +96,13 @@ class Heads:
 
         self._state = (uri, ModelBundle.load(uri))  # raises: a bad URI fails the deploy loudly
 
-    def predict(self, embeddings: np.ndarray, builtin: dict | None = None
+    def predict(self, embeddings: np.ndarray, builtin: dict | None = None, features: dict | None = None
                 ) -> tuple[list[dict[str, dict]], str | None]:
         """Per face {task: {label, score}} for the faces of ONE photo, and the bundle's version.
 
         ``builtin``: the attribute predictions made with the embeddings; a bundle task of
-        the same name replaces one (``pipeline.predict.table_tasks``).
+        the same name replaces one (``pipeline.predict.table_tasks``).  ``features``: the
+        attribute networks' features of the same faces, for heads that read them.
         """
         from pipeline.predict import table_tasks
 
@@ -105,7 +111,7 @@ class Heads:
         preds = dict(builtin or {})
         bundle_tasks = bundle.tasks if bundle is not None else []
         if bundle is not None and n:
-            preds.update(bundle.predict(embeddings, np.zeros(n, np.int64)))  # one photo: joint identities
+            preds.update(bundle.predict(embeddings, np.zeros(n, np.int64), features))  # one photo: joint identities
         out: list[dict[str, dict]] = [{} for _ in range(n)]
         for task, kind in table_tasks(bool(builtin), bundle_tasks):
             if task not in preds:
@@ -121,7 +127,8 @@ class Heads:
         if bundle is None:
             return {"model_uri": None, "model_version": None, "tasks": []}
         meta = bundle.meta
-        tasks = [{k: v for k, v in s.to_json().items() if k in ("name", "kind", "labels", "open_set", "exclusive")}
+        tasks = [{k: v for k, v in s.to_json().items()
+                  if k in ("name", "kind", "labels", "open_set", "exclusive", "features")}
                  for s in bundle.specs]
         return {"model_uri": uri, "model_version": bundle.model_version, "tasks": tasks,
                 "created_at": meta.get("created_at"), "backbone": meta.get("backbone"),

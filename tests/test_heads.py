@@ -178,3 +178,79 @@ def test_utk_names_and_readers(data_dir, tmp_path):
     assert ls.table.column("age").to_pylist()[2] is None
     with pytest.raises(ValueError, match="layout"):
         read_labelled(str(tmp_path), "xml")
+
+
+def test_heads_on_attribute_features_round_trip_and_need_their_features(tmp_path):
+    """A head reading the emotion features: standardised by the training statistics saved
+    with it, format_version 2, and a clear error when the features are not given."""
+    from pipeline.attributes import FEATURE_DIMS
+    from pipeline.heads import feature_stats
+
+    rng = np.random.default_rng(0)
+    n, d = 60, FEATURE_DIMS["emotion"]
+    y = np.repeat([0, 1], n // 2)
+    feats = (rng.normal(size=(n, d)) * 5 + 10).astype(np.float32)
+    feats[:, 0] += 20 * y                                   # the label lives in the features only
+    emb = rng.normal(size=(n, 128)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    mood = TaskSpec("mood", "classification", ["calm", "cross"], features="emotion")
+    age = TaskSpec("age", "regression", mean=30.0, std=10.0)
+    heads = build_heads([mood, age], {"mood": ["linear+emotion"], "age": ["linear"]},
+                        {"emotion": feature_stats(feats)})
+    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(heads["mood@linear+emotion"](torch.from_numpy(feats)),
+                                          torch.from_numpy(y)).backward()
+        opt.step()
+    state = {f"{k.split('@')[0]}.{p}": v for k, m in heads.items() for p, v in m.state_dict().items()}
+    meta = ModelBundle.write(str(tmp_path), [mood, age], state, {}, {})
+    assert meta["format_version"] == 2 and [t["features"] for t in meta["tasks"]] == ["emotion", "identity"]
+    bundle = ModelBundle.load(str(tmp_path))
+    assert bundle.feature_sets == ["emotion"]
+    labels, _ = bundle.predict(emb, np.arange(n), {"emotion": feats})["mood"]
+    assert (labels == np.array(["calm", "cross"], object)[y]).mean() > 0.95
+    with pytest.raises(ValueError, match="emotion"):
+        bundle.predict(emb, np.arange(n))
+    with pytest.raises(ValueError, match="expected"):
+        bundle.raw(emb, {"emotion": feats[:, :10]})
+
+
+def test_bundles_without_features_still_load_as_identity_heads(tmp_path):
+    """A format 1 bundle (written before heads could read attribute features: no
+    ``features`` key) loads and predicts from the embedding alone."""
+    from pipeline.heads import content_hash
+
+    x, y, _ = _clusters(k=3, per=10)
+    b, _ = _trained_bundle(tmp_path / "a", x, y, 3)
+    meta = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert meta["format_version"] == 1 and meta["tasks"][0]["features"] == "identity"
+    for t in meta["tasks"]:
+        del t["features"]
+    meta["model_version"] = content_hash(meta, (tmp_path / "a" / "heads.pt").read_bytes())
+    (tmp_path / "a" / "model.json").write_text(json.dumps(meta))
+    old = ModelBundle.load(str(tmp_path / "a"))
+    assert old.specs[0].features == "identity" and old.feature_sets == []
+    np.testing.assert_array_equal(old.predict(x, np.arange(len(x)))["identity"][0],
+                                  b.predict(x, np.arange(len(x)))["identity"][0])
+
+
+def test_training_variants_are_head_by_features_and_open_set_stays_on_identity():
+    from pipeline.contract import UsageError
+    from pipeline.training.ddp import MultiHead
+    from pipeline.training.split import attribute_features, parse_features, task_variants
+
+    specs = [TaskSpec("identity", "classification", ["a", "b"], open_set=True, exclusive=True),
+             TaskSpec("age", "regression")]
+    v = task_variants(specs, "auto", "auto")
+    assert v["identity"] == ["linear", "mlp"]
+    assert v["age"] == ["linear", "mlp", "linear+age", "mlp+age", "linear+gender", "mlp+gender",
+                        "linear+emotion", "mlp+emotion"]
+    assert task_variants(specs, "linear", "identity") == {"identity": ["linear"], "age": ["linear"]}
+    assert attribute_features(task_variants(specs, "mlp", "gender,identity")) == ("gender",)
+    with pytest.raises(UsageError, match="unknown features"):
+        parse_features("age,nose")
+    model = MultiHead(specs, task_variants(specs, "linear", "identity,age"))
+    out = model({"identity": torch.zeros(3, 128), "age": torch.zeros(3, 256)})
+    assert {k: tuple(o.shape) for k, o in out.items()} == {"identity@linear": (3, 2), "age@linear": (3, 2),
+                                                          "age@linear+age": (3, 2)}

@@ -9,19 +9,21 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.contract import CLASSIFICATION
-from pipeline.heads import ModelBundle, TaskSpec, calibrate_open_set, calibrate_with_strangers, class_centroids
+from pipeline.heads import (ModelBundle, TaskSpec, calibrate_open_set, calibrate_with_strangers, class_centroids,
+                            split_variant)
 from pipeline.training.split import Encoded
 
 
 def select_heads(specs: list[TaskSpec], best: dict[str, dict]) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Per task the variant with the lowest validation criterion: its state (keyed
-    ``task.<param>``) and why it was chosen.  Sets ``spec.head``."""
+    """Per task the variant (head type × input features) with the lowest validation
+    criterion: its state (keyed ``task.<param>``) and why it was chosen.  Sets
+    ``spec.head`` and ``spec.features``."""
     heads_state, chosen = {}, {}
     for s in specs:
         cands = {k.split("@")[1]: b for k, b in best.items() if k.split("@")[0] == s.name}
         v = min(cands, key=lambda c: cands[c]["crit"])
-        s.head = v
-        chosen[s.name] = {"head": v, "best_epoch": cands[v]["epoch"],
+        s.head, s.features = split_variant(v)
+        chosen[s.name] = {"head": s.head, "features": s.features, "variant": v, "best_epoch": cands[v]["epoch"],
                           **{f"val_crit_{c}": round(b["crit"], 5) for c, b in cands.items()}}
         heads_state.update({f"{s.name}.{n}": p for n, p in cands[v]["state"].items()})
     return heads_state, chosen
@@ -37,7 +39,7 @@ def calibrate(specs: list[TaskSpec], heads_state: dict[str, Any], train: Encoded
                                          len(s.labels))
                  for s in specs if s.kind == CLASSIFICATION and s.open_set}
     raw_bundle = ModelBundle.in_memory(specs, heads_state, centroids)
-    raw_val = raw_bundle.raw(val.x)
+    raw_val = raw_bundle.raw(val.x, val.features)
     use_strangers = strangers is not None and len(strangers.x) > 0
     raw_str = raw_bundle.raw(strangers.x) if use_strangers else {}
     calib = {}

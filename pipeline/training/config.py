@@ -14,6 +14,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 8
     head: str = "auto"                  # linear | mlp | auto (train both, keep the better per task)
+    features: str = "auto"              # head inputs: auto (identity + every attribute network's
+                                        # features, kept per task on validation) | identity | age,gender,…
     hidden: int = 256
     val_frac: float = 0.15
     test_frac: float = 0.15

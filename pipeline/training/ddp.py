@@ -3,7 +3,9 @@ rows sharded by Ray Data, full validation on every worker, a checkpoint per epoc
 ``FailureConfig`` resuming a killed worker from the last one.
 
 With ``head="auto"`` a linear and an MLP head are trained side by side in the same run
-(disjoint parameters, so they do not interact); ``calibration`` keeps the better one.
+(disjoint parameters, so they do not interact), and with ``features="auto"`` each on the
+identity embedding and on every attribute network's features (``task@mlp+age`` …);
+``calibration`` keeps the best per task.
 """
 from __future__ import annotations
 
@@ -23,23 +25,32 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.contract import CLASSIFICATION, UsageError
-from pipeline.heads import TaskSpec, build_heads
+from pipeline.heads import IDENTITY, Norms, TaskSpec, build_heads, feature_stats, split_variant
 from pipeline.training.config import TrainConfig
-from pipeline.training.split import Encoded
+from pipeline.training.split import Encoded, task_variants
+
+Variants = list[str] | dict[str, list[str]]   # the same for every task, or per task name
+
+
+def _of(variants: Variants, task: str) -> list[str]:
+    return variants[task] if isinstance(variants, dict) else variants
 
 
 class MultiHead(torch.nn.Module):
-    """Every ``task@variant`` head on the shared embedding."""
+    """Every ``task@variant`` head, each on its input (the embedding or attribute features)."""
 
-    def __init__(self, specs: list[TaskSpec], variants: list[str]) -> None:
+    def __init__(self, specs: list[TaskSpec], variants: Variants, norms: Norms | None = None) -> None:
         super().__init__()
-        self.heads = build_heads(specs, variants)
+        self.heads = build_heads(specs, variants, norms)
+        self.inputs = {k: split_variant(k.split("@", 1)[1])[1] for k in self.heads}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: h(x) for k, h in self.heads.items()}
+    def forward(self, xs: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(xs, torch.Tensor):
+            xs = {IDENTITY: xs}
+        return {k: h(xs[self.inputs[k]]) for k, h in self.heads.items()}
 
 
-def task_losses(out: dict, ys: dict, specs: list[TaskSpec], variants: list[str], class_w: dict,
+def task_losses(out: dict, ys: dict, specs: list[TaskSpec], variants: Variants, class_w: dict,
                 huber_delta: float, weighted: bool = True) -> dict:
     """Loss per ``task@variant``; a row without a label for a task adds nothing to it.
 
@@ -50,7 +61,7 @@ def task_losses(out: dict, ys: dict, specs: list[TaskSpec], variants: list[str],
     res = {}
     for s in specs:
         y = ys[s.name]
-        for v in variants:
+        for v in _of(variants, s.name):
             o = out[f"{s.name}@{v}"]
             if s.kind == CLASSIFICATION:
                 mask = y >= 0
@@ -69,21 +80,23 @@ def task_losses(out: dict, ys: dict, specs: list[TaskSpec], variants: list[str],
     return res
 
 
-def _tensors(batch: dict, specs: list[TaskSpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    x = torch.as_tensor(np.asarray(batch["x"]), dtype=torch.float32)
+def _tensors(batch: dict, specs: list[TaskSpec]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs by feature set (``x``: identity, ``f_<name>``: attribute features) and targets."""
+    xs = {IDENTITY if k == "x" else k[2:]: torch.as_tensor(np.asarray(v), dtype=torch.float32)
+          for k, v in batch.items() if k == "x" or k.startswith("f_")}
     ys = {s.name: torch.as_tensor(np.asarray(batch[f"y_{s.name}"]),
                                   dtype=torch.int64 if s.kind == CLASSIFICATION else torch.float32)
           for s in specs}
-    return x, ys
+    return xs, ys
 
 
 def _validation_metrics(out: dict, vloss: dict, val_y: dict, specs: list[TaskSpec],
-                        variants: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+                        variants: Variants) -> tuple[dict[str, float], dict[str, float]]:
     """Per ``task@variant``: the reported metrics, and the selection criterion (lower is better)."""
     metrics, crit = {}, {}
     for s in specs:
         y = val_y[s.name]
-        for v in variants:
+        for v in _of(variants, s.name):
             k, o = f"{s.name}@{v}", out[f"{s.name}@{v}"]
             if s.kind == CLASSIFICATION:
                 m = y >= 0
@@ -104,11 +117,12 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     specs = [TaskSpec.from_json(d) for d in config["specs"]]
-    variants: list[str] = config["variants"]
+    variants: dict[str, list[str]] = config["variants"]
+    norms = {k: (np.asarray(m, np.float32), np.asarray(s, np.float32)) for k, (m, s) in config["norms"].items()}
     torch.manual_seed(config["seed"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = MultiHead(specs, variants)
+    model = MultiHead(specs, variants, norms)
     ddp = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     class_w = {k: torch.tensor(v, dtype=torch.float32) for k, v in config["class_weights"].items()}
@@ -135,14 +149,15 @@ def train_loop(config: dict[str, Any]) -> None:
         t0, seen, total = time.monotonic(), 0, 0.0
         for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
                                         local_shuffle_buffer_size=config["shuffle_buffer"]):
-            x, ys = _tensors(batch, specs)
-            parts = task_losses(ddp(x), ys, specs, variants, class_w, config["huber_delta"])
+            xs, ys = _tensors(batch, specs)
+            parts = task_losses(ddp(xs), ys, specs, variants, class_w, config["huber_delta"])
             loss = sum(task_w.get(k.split("@")[0], 1.0) * v for k, v in parts.items())
             opt.zero_grad()
             loss.backward()
             opt.step()
-            seen += len(x)
-            total += float(loss.detach()) * len(x)
+            n = len(xs[IDENTITY])
+            seen += n
+            total += float(loss.detach()) * n
         train_s = time.monotonic() - t0
         model.eval()
         with torch.no_grad():
@@ -196,6 +211,8 @@ def _run_name(config: dict, train: Encoded, val: Encoded) -> str:
                                   sort_keys=True, default=str).encode())
     for part in (train, val):
         h.update("\n".join(part.uris).encode() + repr(part.x.shape).encode())
+        for k in sorted(part.features):
+            h.update(k.encode() + repr(np.shape(part.features[k])).encode())
         for k in sorted(part.y):
             h.update(k.encode() + np.ascontiguousarray(part.y[k]).tobytes())
     return f"fit-{h.hexdigest()[:16]}"
@@ -234,15 +251,23 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
     from ray.train.torch import TorchTrainer
 
     res = check_cluster(cfg)
-    variants = ["linear", "mlp"] if cfg.head == "auto" else [cfg.head]
+    variants = task_variants(specs, cfg.head, cfg.features)
+    used = {split_variant(v)[1] for vs in variants.values() for v in vs} - {IDENTITY}
+    missing = sorted(used - set(train.features))
+    if missing:
+        raise ValueError(f"heads on {missing} features asked for but the examples carry none")
+    feats = {k: v for k, v in train.features.items() if k in used}
     cols = {"x": ArrowTensorArray.from_numpy(train.x.astype(np.float32))}
+    cols.update({f"f_{k}": ArrowTensorArray.from_numpy(v.astype(np.float32)) for k, v in feats.items()})
     cols.update({f"y_{k}": pa.array(v) for k, v in train.y.items()})
     ds = ray.data.from_arrow(pa.table(cols))
-    config = {"specs": [s.to_json() for s in specs], "variants": variants, "seed": cfg.seed,
+    norms = {k: [a.tolist() for a in feature_stats(v)] for k, v in feats.items()}
+    config = {"specs": [s.to_json() for s in specs], "variants": variants, "norms": norms, "seed": cfg.seed,
               "lr": cfg.lr, "weight_decay": cfg.weight_decay, "class_weights": _class_weights(train, specs),
               "task_weights": cfg.task_weights, "huber_delta": cfg.huber_delta, "epochs": cfg.epochs,
               "patience": cfg.patience, "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
-              "val": {"x": val.x, **{f"y_{k}": v for k, v in val.y.items()}}}
+              "val": {"x": val.x, **{f"f_{k}": val.features[k] for k in feats},
+                      **{f"y_{k}": v for k, v in val.y.items()}}}
     cpu_per_worker = 1.0 if cfg.use_gpu else min(1.0, float(res.get("CPU", 1)) / cfg.workers)
     fs, path = storage.resolve(storage_uri)
     run_name = _run_name(config, train, val)  # the same job again continues this run's checkpoints
@@ -262,7 +287,8 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
     # a stop is the job's (pipeline/stopping.py); Train's own SIGINT handler only asks the run
     # to abort, and fit() then returns as if it had finished
     trainer._register_sigint_handler = lambda controller: None
-    log(f"Ray Train: {cfg.workers} worker(s), heads {variants}, {len(train.x)} train / {len(val.x)} val faces, "
+    shown = sorted({v for vs in variants.values() for v in vs}, key=lambda v: (split_variant(v)[1] != IDENTITY, v))
+    log(f"Ray Train: {cfg.workers} worker(s), heads {shown}, {len(train.x)} train / {len(val.x)} val faces, "
         f"checkpoints under {storage_uri.rstrip('/')}/{run_name}")
     with progress.watch("train-fit", run_name, "fit", cfg.epochs, log=log, on_event=progress.epoch_line,
                         counts=False, board=board):

@@ -3,6 +3,9 @@
 Rows are matched to the cache by (image_uri, size), so a retrain with other settings, or
 on a grown set, embeds only what is new; the key holds the weights' content hash and
 every detector threshold, so other weights under the same file name never reuse rows.
+With ``features`` (attribute feature sets some head may read) the pass also runs the
+attribute networks on the main chip and the rows carry ``features_<name>`` columns; the key
+then names them, so a cache written without them is never read for them.
 """
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ from pipeline.settings import Settings
 CACHE_SCHEMA = pa.schema([*table.MAIN_FACE_SCHEMA, pa.field("size", pa.int64())])
 
 
+def cache_schema(features: tuple[str, ...] = ()) -> pa.Schema:
+    from pipeline.attributes import FEATURE_DIMS
+
+    return pa.schema([*table.main_face_schema({f: FEATURE_DIMS[f] for f in features}), pa.field("size", pa.int64())])
+
+
 def backbone_info(settings: Settings) -> dict[str, Any]:
     """Backbone id, weights hash and chip geometry: recorded in the bundle and keying the cache."""
     from pipeline.backbone import DLIB_RESNET, read_weights_bytes
@@ -33,18 +42,23 @@ def backbone_info(settings: Settings) -> dict[str, Any]:
                          "template_norm": [list(p) for p in geo.template_norm]}}
 
 
-def cache_key(data_uri: str, settings: Settings, flip_tta: bool) -> str:
+def cache_key(data_uri: str, settings: Settings, flip_tta: bool, features: tuple[str, ...] = ()) -> str:
     detector = {"det_max_side": settings.det_max_side, "det_score": settings.det_score,
                 "det_score_large": settings.det_score_large, "min_face": settings.min_face,
                 "model": settings.detector_model}
-    blob = json.dumps({"data": data_uri.rstrip("/"), "backbone": backbone_info(settings),
-                       "detector": detector, "flip": flip_tta}, sort_keys=True)
+    key: dict[str, Any] = {"data": data_uri.rstrip("/"), "backbone": backbone_info(settings),
+                           "detector": detector, "flip": flip_tta}
+    if features:  # identity-only keys stay what they were (their caches stay valid)
+        from pipeline.attributes import MODEL_FILES
+
+        key["attribute_features"] = {"sets": sorted(features), "models": dict(sorted(MODEL_FILES.items()))}
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: bool = False,
-               log: Callable[[str], None] = print) -> pa.Table:
-    """The scoring job's stages on Ray Data, main faces only: ``table.MAIN_FACE_SCHEMA`` rows."""
+               log: Callable[[str], None] = print, features: tuple[str, ...] = ()) -> pa.Table:
+    """The scoring job's stages on Ray Data, main faces only: ``table.main_face_schema`` rows."""
     import ray
 
     from pipeline import progress
@@ -54,28 +68,38 @@ def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: 
     plan = plan_resources(ray.cluster_resources())
     log(f"embedding {manifest.num_rows} photos: {plan.describe()}")
     with progress.watch("train-embed", progress.new_run_id(), "embedding", manifest.num_rows, log=log) as w:
-        ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta, main_only=True, progress=w.board)
+        ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta, main_only=True, progress=w.board,
+                          features=features)
         parts = [p for p in ray.get(ds.to_arrow_refs()) if p.num_rows]
-    return pa.concat_tables(parts) if parts else table.MAIN_FACE_SCHEMA.empty_table()
+    if parts:
+        return pa.concat_tables(parts)
+    from pipeline.attributes import FEATURE_DIMS
+
+    return table.main_face_schema({f: FEATURE_DIMS[f] for f in features}).empty_table()
 
 
-def _read_cache(cache_file: str, fs) -> pa.Table | None:
+def _read_cache(cache_file: str, fs, schema: pa.Schema) -> pa.Table | None:
+    """The cached rows, or None (no file, or one without every column asked for)."""
     try:
         with fs.open_input_file(cache_file) as f:
-            return pq.read_table(f).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+            return pq.read_table(f).select(schema.names).cast(schema)
     except (FileNotFoundError, OSError, KeyError, pa.ArrowInvalid):
         return None
 
 
 def embed_labelled(manifest: pa.Table, data_uri: str, settings: Settings, cache_uri: str | None,
-                   flip_tta: bool = False, log: Callable[[str], None] = print) -> tuple[pa.Table, dict]:
-    """Main-face embeddings for every photo of ``manifest`` (manifest order), via the cache."""
-    key = cache_key(data_uri, settings, flip_tta)
+                   flip_tta: bool = False, log: Callable[[str], None] = print,
+                   features: tuple[str, ...] = ()) -> tuple[pa.Table, dict]:
+    """Main-face embeddings (and the ``features_<name>`` columns of ``features``) for every
+    photo of ``manifest`` (manifest order), via the cache."""
+    features = tuple(sorted(set(features)))
+    schema = cache_schema(features)
+    key = cache_key(data_uri, settings, flip_tta, features)
     cached, cache_file, fs = None, None, None
     if cache_uri:
         fs, cpath = storage.resolve(cache_uri)
         cache_file = f"{cpath}/{key}.parquet"
-        cached = _read_cache(cache_file, fs)
+        cached = _read_cache(cache_file, fs, schema)
     want = manifest.select(["image_uri", "size"])
     if cached is not None:
         have = set(zip(cached.column("image_uri").to_pylist(), cached.column("size").to_pylist()))
@@ -87,10 +111,10 @@ def embed_labelled(manifest: pa.Table, data_uri: str, settings: Settings, cache_
             "embedded": todo.num_rows, "from_cache": want.num_rows - todo.num_rows}
     if todo.num_rows:
         t0 = time.monotonic()
-        new = run_stages(todo, data_uri, settings, flip_tta, log)
+        new = run_stages(todo, data_uri, settings, flip_tta, log, features)
         sizes = dict(zip(todo.column("image_uri").to_pylist(), todo.column("size").to_pylist()))
         new = new.append_column("size", pa.array([sizes[u] for u in new.column("image_uri").to_pylist()],
-                                                 pa.int64())).cast(CACHE_SCHEMA)
+                                                 pa.int64())).cast(schema)
         info["embed_seconds"] = round(time.monotonic() - t0, 1)
         log(f"embedded {todo.num_rows} photos in {info['embed_seconds']} s")
         if cached is not None:

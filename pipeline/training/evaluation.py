@@ -18,8 +18,8 @@ from pipeline.training.split import Encoded
 
 def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, ClassificationResult | RegressionResult]]:
     """Metrics per task and the per-face results behind them."""
-    preds = bundle.predict(part.x, np.arange(len(part.x)))
-    raw = bundle.raw(part.x)
+    preds = bundle.predict(part.x, np.arange(len(part.x)), part.features)
+    raw = bundle.raw(part.x, part.features)
     metrics: dict[str, dict] = {}
     results: dict[str, ClassificationResult | RegressionResult] = {}
     for s in bundle.specs:
@@ -50,10 +50,11 @@ def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, Classi
 def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_uri: str | None,
                      flip_tta: bool, log: Callable[[str], None]) -> tuple[dict, dict[str, StrangerResult]]:
     """Share of faces of people outside the training set that come out ``unknown``."""
-    emb, _ = embed_labelled(storage.list_images(uri), uri, settings, cache_uri, flip_tta, log)
+    emb, _ = embed_labelled(storage.list_images(uri), uri, settings, cache_uri, flip_tta, log,
+                            tuple(bundle.feature_sets))
     ok = emb.filter(pc.is_valid(emb.column("main_face")))
     x = table.embedding_matrix(ok.column("embedding"))
-    preds = bundle.predict(x, np.arange(len(x)))
+    preds = bundle.predict(x, np.arange(len(x)), feature_columns(ok, bundle.feature_sets))
     out, results = {}, {}
     for s in bundle.specs:
         if s.kind == CLASSIFICATION and s.open_set:
@@ -61,6 +62,13 @@ def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_ur
             out[s.name] = {"faces": len(x), "rejected": float((labels == UNKNOWN).mean()) if len(x) else 0.0}
             results[s.name] = StrangerResult(labels, scores, ok.column("image_uri").to_pylist())
     return out, results
+
+
+def feature_columns(rows, names) -> dict[str, np.ndarray]:
+    """The ``features_<name>`` columns of embedding-pass rows (no nulls) as matrices."""
+    from pipeline.heads import feature_dim
+
+    return {n: table.embedding_matrix(rows.column(f"features_{n}"), feature_dim(n)) for n in names}
 
 
 def _rejected(bundle: ModelBundle, x: np.ndarray) -> dict[str, np.ndarray]:

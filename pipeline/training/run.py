@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -48,25 +48,44 @@ class Examples:
     data_lines: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)   # model.json "data" beyond uri/layout
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json entries of the source
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # attribute features (N×d) by name
+
+
+def wanted_features(tasks: list[tuple[str, str]], cfg: TrainConfig) -> tuple[str, ...]:
+    """The attribute feature sets some head could read: those of ``cfg.features`` when a task
+    is not open-set (open-set tasks stay on the identity embedding); none otherwise, so an
+    identity-only training never runs the attribute networks."""
+    from pipeline.heads import IDENTITY, default_open_set
+    from pipeline.training.split import parse_features
+
+    rejecting = set(cfg.open_set) if cfg.open_set is not None else {n for n, _ in tasks if default_open_set(n)}
+    if all(n in rejecting for n, _ in tasks):
+        return ()
+    return tuple(f for f in parse_features(cfg.features) if f != IDENTITY)
 
 
 def _from_photos(data_uri: str, layout: str, task: str | None, settings: Settings, cache_uri: str | None,
-                 flip_tta: bool, log: Callable[[str], None]) -> Examples:
-    """Labelled photos: the scoring stages' main face per photo, embedded (cached)."""
+                 cfg: TrainConfig, log: Callable[[str], None]) -> Examples:
+    """Labelled photos: the scoring stages' main face per photo, embedded (cached), with
+    the attribute features some head could read."""
     from pipeline.datasets import read_labelled
+    from pipeline.training.evaluation import feature_columns
 
     ls = read_labelled(data_uri, layout, task)
     log(f"{ls.table.num_rows} labelled photos in {data_uri} ({layout}), tasks {ls.tasks}")
-    emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, flip_tta, log)
+    features = wanted_features(ls.tasks, cfg)
+    emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, cfg.flip_tta, log, features)
     status = emb.column("status").to_pylist()
     errors: dict[str, int] = {}
     for st in status:
         if st not in (OK, NO_FACE):
             errors[st] = errors.get(st, 0) + 1
     usable = pc.is_valid(emb.column("main_face"))
-    return Examples(ls.table.filter(usable), ls.tasks, table.embedding_matrix(emb.filter(usable).column("embedding")),
+    rows = emb.filter(usable)
+    return Examples(ls.table.filter(usable), ls.tasks, table.embedding_matrix(rows.column("embedding")),
                     ls.table.num_rows, int(pc.sum(emb.column("face_count")).as_py() or 0), status.count(NO_FACE),
-                    errors, ls.skipped, embed_info, data={"embedding_cache": embed_info.get("cache")})
+                    errors, ls.skipped, embed_info, data={"embedding_cache": embed_info.get("cache")},
+                    features=feature_columns(rows, features))
 
 
 def _from_people(people_uri: str, names_uri: str, task: str | None, seed: int,
@@ -105,14 +124,20 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     check_flags(layout, names_uri)
     check_cluster(cfg)
     storage.check_writable(output_uri)
+    if cfg.features != "identity":
+        from pipeline.training.split import parse_features
+
+        parse_features(cfg.features)   # a bad --features answers before the embedding pass
     if layout == "people":
+        cfg = replace(cfg, features="identity")   # the people layout brings embeddings only
         ex = _from_people(data_uri, names_uri or "", task, cfg.seed, log)
     else:
-        ex = _from_photos(data_uri, layout, task, settings, cache_uri, cfg.flip_tta, log)
+        ex = _from_photos(data_uri, layout, task, settings, cache_uri, cfg, log)
     labelled = ex.table
     specs = make_specs(ex.tasks, labelled, cfg.hidden, cfg.open_set)
     split = stratified_split(strata_for(labelled, ex.tasks), cfg.val_frac, cfg.test_frac, cfg.seed)
-    enc = Encoded(ex.x, encode(labelled, specs), split, labelled.column("image_uri").to_pylist(), ex.face_index)
+    enc = Encoded(ex.x, encode(labelled, specs), split, labelled.column("image_uri").to_pylist(), ex.face_index,
+                  ex.features)
     tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
     if len(va.x) == 0:
         raise UsageError(f"validation split is empty ({len(enc.x)} usable examples): raise --val-frac")
@@ -127,7 +152,8 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     test_metrics, results = evaluate(bundle, te if len(te.x) else va)
     evaluation = Evaluation(specs, results, {s.name: tr.y[s.name] for s in specs}, history)
     metrics: dict[str, Any] = {
-        "test": test_metrics, "open_set": calib, "heads": {k: v["head"] for k, v in chosen.items()},
+        "test": test_metrics, "open_set": calib, "heads": {k: v["variant"] for k, v in chosen.items()},
+        "features": {k: v["features"] for k, v in chosen.items()},
         "selection": chosen, "epochs_run": len(history), "workers": cfg.workers,
         "resumed_from": last.get("resumed_from", -1),
         "rows_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history])) if history else 0.0,

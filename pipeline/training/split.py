@@ -1,13 +1,13 @@
 """Seeded stratified split and target encoding of the usable photos."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.contract import CLASSIFICATION
-from pipeline.heads import TaskSpec
+from pipeline.heads import IDENTITY, TaskSpec, feature_dim, variant_name
 
 
 def stratified_split(strata: list[str], val_frac: float, test_frac: float, seed: int) -> np.ndarray:
@@ -49,19 +49,59 @@ def strata_for(table: pa.Table, tasks: list[tuple[str, str]]) -> list[str]:
 @dataclass
 class Encoded:
     """Embeddings and per-task targets (-1 / NaN = missing) of the usable rows; ``faces``
-    is the face index of each row where it is not the photo's main face (people layout)."""
+    is the face index of each row where it is not the photo's main face (people layout);
+    ``features`` the attribute networks' features of the same faces, by name (when some
+    head may read them)."""
 
     x: np.ndarray
     y: dict[str, np.ndarray]
     split: np.ndarray
     uris: list[str]
     faces: np.ndarray | None = None
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def part(self, name: str) -> "Encoded":
         m = self.split == name
         return Encoded(self.x[m], {k: v[m] for k, v in self.y.items()}, self.split[m],
                        [u for u, keep in zip(self.uris, m) if keep],
-                       self.faces[m] if self.faces is not None else None)
+                       self.faces[m] if self.faces is not None else None,
+                       {k: v[m] for k, v in self.features.items()})
+
+
+def parse_features(text: str) -> tuple[str, ...]:
+    """``--features``: auto (identity and every attribute network's features), identity, or
+    a comma-separated list of identity / age / gender / emotion."""
+    from pipeline.attributes import FEATURE_DIMS
+    from pipeline.contract import UsageError
+
+    if text.strip().lower() == "auto":
+        return (IDENTITY, *FEATURE_DIMS)
+    names = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+    for n in names:
+        try:
+            feature_dim(n)
+        except ValueError as exc:
+            raise UsageError(f"--features: {exc}") from None
+    if not names:
+        raise UsageError("--features: name at least one of auto, identity, age, gender, emotion")
+    return names
+
+
+def task_variants(specs: list[TaskSpec], head: str, features: str) -> dict[str, list[str]]:
+    """The ``head[+features]`` variants trained per task: every head type asked for on every
+    feature set asked for; open-set tasks on the identity embedding only (their centroids
+    and distances live in identity space)."""
+    heads = ["linear", "mlp"] if head == "auto" else [head]
+    sets = parse_features(features)
+    return {s.name: [variant_name(h, f) for f in ((IDENTITY,) if s.open_set else sets) for h in heads]
+            for s in specs}
+
+
+def attribute_features(variants: dict[str, list[str]]) -> tuple[str, ...]:
+    """The attribute feature sets some variant reads (what the embedding pass must compute)."""
+    from pipeline.heads import split_variant
+
+    return tuple(sorted({split_variant(v)[1] for vs in variants.values() for v in vs} - {IDENTITY}))
 
 
 def encode(table: pa.Table, specs: list[TaskSpec]) -> dict[str, np.ndarray]:
