@@ -42,12 +42,25 @@ def backbone_info(settings: Settings) -> dict[str, Any]:
                          "template_norm": [list(p) for p in geo.template_norm]}}
 
 
+def embedding_precision(settings: Settings) -> str:
+    """The precision the embedding actors will run at (GPU when the cluster has one)."""
+    import ray
+
+    from pipeline.precision import choose
+
+    gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    return choose(settings.precision, "cuda" if gpu else "cpu").name
+
+
 def cache_key(data_uri: str, settings: Settings, flip_tta: bool, features: tuple[str, ...] = ()) -> str:
     detector = {"det_max_side": settings.det_max_side, "det_score": settings.det_score,
                 "det_score_large": settings.det_score_large, "min_face": settings.min_face,
                 "model": settings.detector_model}
     key: dict[str, Any] = {"data": data_uri.rstrip("/"), "backbone": backbone_info(settings),
                            "detector": detector, "flip": flip_tta}
+    precision = embedding_precision(settings)
+    if precision != "fp32":  # fp32 keys stay what they were (their caches stay valid)
+        key["precision"] = precision
     if features:  # identity-only keys stay what they were (their caches stay valid)
         from pipeline.attributes import MODEL_FILES
 
@@ -65,7 +78,7 @@ def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: 
     from pipeline.resources import plan_resources
     from pipeline.stages import face_dataset
 
-    plan = plan_resources(ray.cluster_resources())
+    plan = plan_resources(ray.cluster_resources(), precision=settings.precision)
     log(f"embedding {manifest.num_rows} photos: {plan.describe()}")
     with progress.watch("train-embed", progress.new_run_id(), "embedding", manifest.num_rows, log=log) as w:
         ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta, main_only=True, progress=w.board,

@@ -23,7 +23,7 @@ from pipeline.settings import Settings
 from pipeline.training.calibration import calibrate, select_heads
 from pipeline.training.config import TrainConfig
 from pipeline.training.ddp import check_cluster, fit
-from pipeline.training.embeddings import backbone_info, embed_labelled
+from pipeline.training.embeddings import backbone_info, embedding_precision, embed_labelled
 from pipeline.training.evaluation import evaluate, open_set_rates, stranger_metrics
 from pipeline.training.outcome import Evaluation, TrainOutcome
 from pipeline.training.split import Encoded, encode, make_specs, strata_for, stratified_split
@@ -169,7 +169,7 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
         metrics["unknown"], evaluation.strangers = stranger_metrics(bundle, unknown_uri, settings, cache_uri,
                                                                     cfg.flip_tta, log)
     extra = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "backbone": backbone_info(settings),
+             "backbone": {**backbone_info(settings), "precision": embedding_precision(settings)},
              "data": {"uri": data_uri, "layout": layout, **ex.data},
              "training": asdict(cfg),
              "metrics": {"test": test_metrics, "open_set": calib, "heads": metrics["heads"],
