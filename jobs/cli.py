@@ -20,6 +20,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def add_ray_flags(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """The flags every job shares: where Ray is, and (``progress``) how it reports."""
+    from pipeline.progress import DEFAULT_EVERY_S
+
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
+    if not progress:
+        return
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own INFO logs, the workers' output and Ray Data's progress bars "
+                        "(hidden by default; warnings show either way)")
+    p.add_argument("--progress-every", type=positive_seconds, default=DEFAULT_EVERY_S, metavar="SECONDS",
+                   help="a progress line every SECONDS when the output is not a terminal "
+                        f"(default {DEFAULT_EVERY_S:g}; on a terminal a bar; FACERAY_PROGRESS=log|bar forces one)")
+
+
 def run_job(prog: str, work: Callable[[], int], resume: str | None = None) -> int:
     """``work()``'s exit code; a ``UsageError`` becomes ``prog: error: <first line>`` and 2;
     a stop (SIGINT / SIGTERM) becomes 130 / 143 with ``resume`` (how to continue) printed."""

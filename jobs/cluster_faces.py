@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-from jobs.cli import positive_int, run_job  # noqa: E402
+from jobs.cli import add_ray_flags, positive_int, run_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,11 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the people already in --output: new faces join them (ids stay) or found new ones")
     p.add_argument("--sheet-people", type=positive_int, default=40, help="people on the contact sheet (default 40)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
-    from pipeline.progress import add_arguments
-
-    add_arguments(p)
+    add_ray_flags(p)
     return p.parse_args(argv)
 
 

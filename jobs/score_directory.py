@@ -12,17 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-from jobs.cli import positive_int, run_job  # noqa: E402
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
+from jobs.cli import add_ray_flags, positive_int, positive_seconds, run_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,13 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device-batch", type=positive_int, help="faces per forward pass (default 256 GPU, 32 CPU)")
     p.add_argument("--file-photos", type=positive_int,
                    help="close (commit) a part file every N photos (default 2000)")
-    p.add_argument("--file-seconds", type=_seconds,
+    p.add_argument("--file-seconds", type=positive_seconds,
                    help="… or every S seconds, whichever first (default 30): what a crash can lose")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
-    from pipeline.progress import add_arguments
-
-    add_arguments(p)
+    add_ray_flags(p)
     return p.parse_args(argv)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-from jobs.cli import positive_int, run_job  # noqa: E402
+from jobs.cli import add_ray_flags, positive_int, run_job  # noqa: E402
 
 SERVE_SHUTDOWN_S = 5.0  # serve.shutdown on a joined cluster, at most
 
@@ -35,8 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="environment variable holding the bearer token (unset: no token)")
     p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
     p.add_argument("--det-max-side", type=positive_int, help="detect at this max image side (default 640)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started here")
+    add_ray_flags(p, progress=False)
     return p.parse_args(argv)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or working dir
 
-from jobs.cli import positive_int, run_job  # noqa: E402
+from jobs.cli import add_ray_flags, positive_int, run_job  # noqa: E402
 
 PEOPLE_TARGET_FRR = 0.03   # people layout: known faces rejected at most, strangers rejected as many as possible
 
@@ -92,11 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <output>/checkpoints after success")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--finetune", action="store_true", help="not implemented (heads on frozen embeddings)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or start a local one)")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray started by this job")
-    from pipeline.progress import add_arguments
-
-    add_arguments(p)
+    add_ray_flags(p)
     args = p.parse_args(argv)
     if args.val_frac + args.test_frac >= 0.8:
         p.error("--val-frac + --test-frac must leave most photos for training")

@@ -472,27 +472,6 @@ def write_summary(output_uri: str, data: dict, run_id: str) -> str:
     return name
 
 
-def add_arguments(parser) -> None:  # noqa: ANN001  (argparse.ArgumentParser)
-    """The jobs' ``--verbose`` and ``--progress-every``."""
-    def seconds(text: str) -> float:
-        import argparse
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-        return value
-
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own INFO logs, the workers' output and Ray Data's progress bars "
-                             "(hidden by default; warnings show either way)")
-    parser.add_argument("--progress-every", type=seconds, default=DEFAULT_EVERY_S, metavar="SECONDS",
-                        help="a progress line every SECONDS when the output is not a terminal "
-                             f"(default {DEFAULT_EVERY_S:g}; on a terminal a bar; FACERAY_PROGRESS=log|bar forces one)")
-
-
 def epoch_line(ev: dict) -> str:
     """``epoch 3/60: train loss 0.412 | val identity@linear acc 0.931, identity@mlp acc 0.945 | 1.2 s``
     from the metrics a Train worker reports (``ddp.train_loop``)."""

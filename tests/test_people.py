@@ -12,17 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.people import bcubed
 from conftest import labelled
 from jobs import cluster_faces
 from pipeline import knn, people
 
-
-def bcubed(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
-    df = pd.DataFrame({"t": truth, "p": pred})
-    both = df.groupby(["t", "p"]).size().rename("n").reset_index()
-    prec = (both.n ** 2 / both.p.map(df.groupby("p").size())).sum() / len(df)
-    rec = (both.n ** 2 / both.t.map(df.groupby("t").size())).sum() / len(df)
-    return prec, rec, 2 * prec * rec / (prec + rec)
 
 
 def test_people_match_true_identities(people_run, tmp_path):
