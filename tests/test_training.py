@@ -199,7 +199,7 @@ def test_csv_on_s3_with_missing_labels(ray_cluster, local_s3, data_dir, tmp_path
     with fs.open_output_stream(f"{bucket}/photos/index.csv") as o:
         o.write(("\n".join(lines) + "\n").encode())
     outcome = train(f"s3://{bucket}/photos", f"s3://{bucket}/model", "csv", None,
-                    TrainConfig(workers=2, epochs=30, head="linear"),
+                    TrainConfig(workers=2, epochs=30, head="linear", features="identity"),
                     cache_uri=f"s3://{bucket}/cache", report=True, log=lambda *_: None)
     test = outcome.metrics["test"]
     print("METRIC csv on s3:", test, outcome.metrics["split"])
