@@ -106,7 +106,7 @@ def test_killed_worker_resumes_from_checkpoint(identity_bundle, data_dir, embedd
     while time.monotonic() < deadline and t.is_alive() and killed is None:
         # a checkpoint is committed once every rank has reported: with two directories on
         # storage the first one is certainly registered, so the run must resume from it
-        ckpts = list((out / "checkpoints").glob("train-*/checkpoint_*"))
+        ckpts = list((out / "checkpoints").glob("fit-*/checkpoint_*"))
         if len(ckpts) >= 2:
             workers = [a for a in ray_state.actors().values()
                        if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
