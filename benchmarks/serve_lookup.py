@@ -60,6 +60,7 @@ def synthetic_table(rows: int, labels: int, seed: int = 0) -> pa.Table:
         "identity": pa.array(np.where(has_face, names[rng.integers(0, labels + 1, n)], None).tolist(), pa.string()),
         "identity_score": pa.array(rng.uniform(0, 1, n), pa.float32()),
         "model_version": pa.array(["0123456789abcdef"] * n),
+        **{f.name: pa.nulls(n, f.type) for f in table.VIDEO_FIELDS},
     }
     return pa.Table.from_arrays(list(cols.values()), schema=table.prediction_schema([("identity", "classification")]))
 

@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model bundle (folder or s3:// prefix) from train_classifier.py")
     p.add_argument("--limit", type=positive_int, help="score only the first N photos (sorted by URI)")
     p.add_argument("--resume", action="store_true", help="skip photos already in --output")
+    p.add_argument("--video-fps", type=positive_seconds, help="video frames sampled per second (default 1.0)")
+    p.add_argument("--video-segment-s", type=positive_seconds,
+                   help="seconds of video per task: a long video is split into segments (default 300)")
     p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
     p.add_argument("--det-max-side", type=positive_int, help="detect at this max image side (default 640)")
     p.add_argument("--no-attributes", action="store_true",
@@ -61,7 +64,8 @@ def _score(args: argparse.Namespace) -> int:
     from pipeline.settings import Settings
 
     settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
-                                 attributes=False if args.no_attributes else None, precision=args.precision)
+                                 attributes=False if args.no_attributes else None, precision=args.precision,
+                                 video_fps=args.video_fps, video_segment_s=args.video_segment_s)
     init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
     plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch,
                           precision=settings.precision)

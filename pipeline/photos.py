@@ -34,6 +34,11 @@ def analyse_photo(data: bytes, detector: FaceDetector, max_pixels: int,
         img = decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
         return PhotoFaces(exc.status, exc.message)
+    return analyse_image(img, detector, geometry)
+
+
+def analyse_image(img, detector: FaceDetector, geometry: ChipGeometry = DLIB_CHIP) -> PhotoFaces:
+    """Decoded pixels (a ``DecodedImage``: a photo, or a video frame) → faces and chips."""
     faces = detector.detect(img)
     chips = crop_chips(img, faces, geometry)
     return PhotoFaces(OK if faces else NO_FACE, None, img.width, img.height, faces, chips,

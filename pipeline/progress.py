@@ -126,10 +126,16 @@ def report_batch(board, photos) -> None:
 
         uris = photos.column("image_uri")
         key = hash((uris[0].as_py(), uris[-1].as_py(), photos.num_rows))
+        n = photos.num_rows
+        if "segment" in photos.schema.names and photos.column("segment").null_count < n:
+            # a video segment (a manifest row) is one item, however many frames it gave
+            seg = photos.column("segment")
+            items = {(u, s) for u, s in zip(uris.to_pylist(), seg.to_pylist()) if s is not None}
+            n = seg.null_count + len(items)
         faces = int(pc.sum(photos.column("face_count")).as_py() or 0)
         counts = pc.value_counts(photos.column("status"))
         by_status = {v["values"].as_py(): v["counts"].as_py() for v in counts}
-        board.add.remote(key, photos.num_rows, faces, by_status)
+        board.add.remote(key, n, faces, by_status)
     except Exception:  # progress is never worth a lost batch
         pass
 

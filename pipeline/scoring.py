@@ -11,7 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline import progress, stopping, storage, table
+import numpy as np
+
+from pipeline import progress, stopping, storage, table, video
 from pipeline.parts import FILE_PHOTOS, FILE_SECONDS, PartWriter
 from pipeline.resources import Plan, plan_resources
 from pipeline.predict import table_tasks
@@ -23,6 +25,7 @@ PART_PREFIX = "part-"
 @dataclass
 class Summary:
     photos: int = 0
+    videos: int = 0          # videos with rows in this run (any of their segments)
     skipped: int = 0
     rows: int = 0
     faces: int = 0
@@ -38,6 +41,8 @@ class Summary:
         rate = self.photos / self.seconds if self.seconds else 0.0
         status = ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items())) or "none"
         out = [f"photos scored: {self.photos}" + (f" (skipped {self.skipped} already in the output)" if self.skipped else ""),
+               *([f"videos scored: {self.videos} (rows by status count each video once, by its best status)"]
+                 if self.videos else []),
                f"faces found:   {self.faces}",
                f"rows by status (photos): {status}",
                f"throughput:    {rate:.1f} photos/s over {self.seconds:.1f} s",
@@ -48,6 +53,13 @@ class Summary:
 
 def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
     """Photos already in an output table (for --resume), and that table's schema."""
+    t, schema = existing_rows(output)
+    return (set() if t is None else set(t.column("image_uri").to_pylist())), schema
+
+
+def existing_rows(output: str) -> tuple[pa.Table | None, pa.Schema | None]:
+    """``image_uri`` (and videos' ``timestamp_s``) of the rows already in an output table
+    (for --resume), and that table's schema."""
     fs, path = storage.resolve(output)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -56,9 +68,10 @@ def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
     files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
              and not storage.is_hidden(i.path)]  # not _side files nor .inprogress ones
     if not files:
-        return set(), None
+        return None, None
     ds = pads.dataset(files, filesystem=fs, format="parquet")
-    return set(ds.to_table(columns=["image_uri"]).column("image_uri").to_pylist()), ds.schema
+    cols = [c for c in ("image_uri", "timestamp_s") if c in ds.schema.names]
+    return ds.to_table(columns=cols), ds.schema
 
 
 def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: int | None = None,
@@ -84,20 +97,28 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
         log(f"model {model_uri}: version {bundle.model_version}, tasks {[t for t, _ in bundle_tasks]}")
     tasks = table_tasks(settings.attributes, bundle_tasks)
     storage.check_writable(output_uri)
-    manifest = storage.list_images(input_uri, limit=limit)
-    log(f"listed {manifest.num_rows} photos under {input_uri}")
+    manifest = storage.list_images(input_uri, limit=limit, videos=True)
+    videos = int(sum(video.is_video(u) for u in manifest.column("image_uri").to_pylist()))
+    log(f"listed {manifest.num_rows - videos} photos" + (f" and {videos} videos" if videos else "")
+        + f" under {input_uri}")
+    if videos:  # one manifest row per (video, time segment): a long video is many tasks
+        manifest = video.segment_manifest(manifest, storage.resolve(input_uri)[0], settings.video_segment_s)
+        log(f"videos: {manifest.num_rows - manifest.column('segment').null_count} segments of "
+            f"up to {settings.video_segment_s:g} s, sampled at {settings.video_fps:g} frames/s")
     skipped = 0
     if resume:
-        done, schema = existing_uris(output_uri)
+        existing, schema = existing_rows(output_uri)
         if schema is not None and not schema.equals(table.prediction_schema(tasks), check_metadata=False):
             raise storage.StorageError(
                 f"{output_uri} holds a table with other columns (another model?); "
                 "resume into the same model's output or pick a new --output")
-        keep = pc.invert(pc.is_in(manifest.column("image_uri"), pa.array(sorted(done), pa.string())))
+        done = (np.zeros(manifest.num_rows, bool) if existing is None
+                else video.done_segments(existing, manifest))  # a video: each of its segments
         before = manifest.num_rows
-        manifest = manifest.filter(keep)
+        manifest = manifest.filter(pa.array(~done))
         skipped = before - manifest.num_rows
-        log(f"--resume: {skipped} photos already in {output_uri}, {manifest.num_rows} to score")
+        log(f"--resume: {skipped} photos (or video segments) already in {output_uri}, "
+            f"{manifest.num_rows} to score")
     summary = Summary(skipped=skipped, output=output_uri)
     if manifest.num_rows == 0:
         summary.seconds = time.monotonic() - started
@@ -125,7 +146,7 @@ def _summary_json(summary: Summary, counted: dict, settings: Settings, input_uri
     """What ``_summary.json`` holds: the printed summary's figures and what made them."""
     from pipeline.backbone import DLIB_RESNET
 
-    return {"job": "score_directory", "run_id": summary.run_id, "photos": summary.photos,
+    return {"job": "score_directory", "run_id": summary.run_id, "photos": summary.photos, "videos": summary.videos,
             "skipped": summary.skipped, "faces": summary.faces, "rows": summary.rows,
             "by_status": dict(sorted(summary.by_status.items())), "seconds": round(summary.seconds, 3),
             "photos_per_s": round(summary.photos / summary.seconds, 3) if summary.seconds else 0.0,
@@ -164,10 +185,19 @@ def _fill_summary(summary: Summary, fs: pafs.FileSystem, out_path: str, run_id: 
     if not files:
         return
     t = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["image_uri", "status", "face_index"])
+        columns=["image_uri", "status", "face_index", "timestamp_s"])
     summary.rows = t.num_rows
     summary.faces = int(pc.sum(pc.is_valid(t.column("face_index"))).as_py() or 0)
-    photos = table.first_rows(t)
+    is_video = pc.is_valid(t.column("timestamp_s"))
+    photos = table.first_rows(t.filter(pc.invert(is_video)))
     summary.photos = photos.num_rows
     counts = photos.group_by("status").aggregate([("image_uri", "count")])
     summary.by_status = dict(zip(counts.column("status").to_pylist(), counts.column("image_uri_count").to_pylist()))
+    best: dict[str, str] = {}  # a video's status: ok if any frame has a face, else its first status
+    vids = t.filter(is_video)
+    for uri, status in zip(vids.column("image_uri").to_pylist(), vids.column("status").to_pylist()):
+        if best.get(uri) != "ok":
+            best[uri] = status if uri not in best or status == "ok" else best[uri]
+    summary.videos = len(best)
+    for status in best.values():
+        summary.by_status[status] = summary.by_status.get(status, 0) + 1

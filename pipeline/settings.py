@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     min_face: int = Field(20, ge=1, description="smallest face side, photo pixels")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="bigger photos get status too_large")
     max_bytes: int = Field(200 * 1024 * 1024, ge=1, description="bigger files get status too_large")
+    video_fps: float = Field(1.0, gt=0, description="video frames sampled per second (--video-fps)")
+    video_segment_s: float = Field(300.0, gt=0, description="seconds of video per task (a long video is "
+                                   "split into segments scored by different actors)")
     attributes: bool = Field(True, description="built-in age, gender, emotion (--no-attributes: off)")
     precision: Precision = Field(
         "auto", description="face networks' precision; auto: bf16 where the CPU/GPU has it, else fp32 "

@@ -44,8 +44,17 @@ class CropStage:
         from pipeline.photos import analyse_photo
 
         uris = batch.column("image_uri").to_pylist()
+        segs = batch.column("segment").to_pylist() if "segment" in batch.schema.names else [None] * len(uris)
+        photos = [u for u, s in zip(uris, segs) if s is None]
         rows = []
-        for uri, data in zip(uris, self.io.map(self._read, uris)):
+        if len(photos) < len(uris):
+            from pipeline.video import segment_rows
+
+            for i, s in enumerate(segs):
+                if s is not None:
+                    rows.extend(segment_rows(self.fs, uris[i], s, batch.column("segment_start")[i].as_py(),
+                                             batch.column("segment_end")[i].as_py(), self.detector, self.settings))
+        for uri, data in zip(photos, self.io.map(self._read, photos)):
             if isinstance(data, Exception):
                 rows.append(_row(uri, READ_ERROR, f"{type(data).__name__}: {data}"))
                 continue
@@ -101,7 +110,10 @@ class EmbedStage:
             return table.main_face_rows(photos, self.models.embedder(chips), {k: feats[k] for k in self.features})
         counts = photos.column("face_count").to_numpy(zero_copy_only=False)
         emb, preds = self.models(chips, np.repeat(np.arange(len(counts)), counts))
-        return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version)
+        from pipeline.video import assign_tracks
+
+        tracks = assign_tracks(photos, emb)  # videos: after the embeddings exist; None without videos
+        return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version, tracks)
 
 
 class FaceStage:
@@ -134,7 +146,8 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
 
     DataContext.get_current().execution_options.verbose_progress = False
     chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
-    uris = manifest.select(["image_uri"])
+    video = "segment" in manifest.schema.names and manifest.column("segment").null_count < manifest.num_rows
+    uris = manifest.select(["image_uri", "segment", "segment_start", "segment_end"] if video else ["image_uri"])
     ds = ray.data.from_arrow([uris.slice(i, chunk) for i in range(0, uris.num_rows, chunk)])
     fs = resolve(input_uri)[0]
     if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
@@ -150,6 +163,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     return ds.map_batches(
         EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only, progress,
                                          tuple(features)),
-        batch_size=plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
+        # with videos, whole crop outputs: a segment's frames stay in one call, so tracks can join them
+        batch_size=None if video else plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
         num_gpus=plan.embed_gpus or None,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.embed_actors))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.contract import PHOTO_EXTENSIONS, UsageError, extension
+from pipeline.contract import PHOTO_EXTENSIONS, VIDEO_EXTENSIONS, UsageError, extension
 
 MANIFEST_SCHEMA = pa.schema([("image_uri", pa.string()), ("size", pa.int64())])
 
@@ -66,8 +66,13 @@ def _is_image(path: str) -> bool:
     return extension(path) in PHOTO_EXTENSIONS
 
 
-def list_images(uri: str, limit: int | None = None, threads: int = 16) -> pa.Table:
-    """Every image under ``uri`` (recursively, sorted) as a manifest of (image_uri, size).
+def _is_listed(path: str, videos: bool) -> bool:
+    return extension(path) in PHOTO_EXTENSIONS or (videos and extension(path) in VIDEO_EXTENSIONS)
+
+
+def list_images(uri: str, limit: int | None = None, threads: int = 16, videos: bool = False) -> pa.Table:
+    """Every image (and with ``videos``, every video) under ``uri`` (recursively, sorted)
+    as a manifest of (image_uri, size).
 
     The top level is listed first and its sub-prefixes are listed in parallel, each with the
     store's paginated listing, so a bucket of 10^6+ keys is not one long serial scan.
@@ -90,7 +95,7 @@ def list_images(uri: str, limit: int | None = None, threads: int = 16) -> pa.Tab
         raise
     except OSError as exc:
         raise StorageError(f"cannot list {uri}: {exc}") from exc
-    files = sorted((i.path, i.size) for i in infos if _is_image(i.path))
+    files = sorted((i.path, i.size) for i in infos if _is_listed(i.path, videos))
     if limit is not None:
         files = files[:limit]
     return pa.table(

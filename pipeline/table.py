@@ -28,6 +28,13 @@ BASE_FIELDS = [
     pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
 ]
 
+# Videos (DESIGN.md): null on photo rows; every table has them, so photos and videos share one schema.
+VIDEO_FIELDS = [
+    pa.field("frame_index", pa.int32()),
+    pa.field("timestamp_s", pa.float32()),
+    pa.field("track_id", pa.int32()),
+]
+
 # The crop stage's output: one row per photo, faces as flat lists, chips concatenated.
 PHOTO_SCHEMA = pa.schema([
     pa.field("image_uri", pa.string()),
@@ -41,6 +48,10 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("scores", pa.list_(pa.float32())),
     pa.field("main_face", pa.int32()),               # the face the photo is "of"; null: none
     pa.field("chips", pa.large_binary()),            # face_count × S × S × 3 uint8
+    pa.field("frame_index", pa.int32()),             # videos: the frame's number in the source; null: photo
+    pa.field("timestamp_s", pa.float32()),           # videos: the frame's time (a segment's start on its
+                                                     # no_face / decode_error row)
+    pa.field("segment", pa.int32()),                 # videos: the time segment (pipeline/video.py)
 ])
 
 # Training's view of a photo: its main face only (one row per photo, embedding null
@@ -69,6 +80,7 @@ def prediction_schema(tasks: Sequence[tuple[str, str]] = ()) -> pa.Schema:
         fields.append(pa.field(name, pa.string() if kind == CLASSIFICATION else pa.float32()))
         fields.append(pa.field(f"{name}_score", pa.float32()))
     fields.append(pa.field("model_version", pa.string()))
+    fields.extend(VIDEO_FIELDS)
     return pa.schema(fields)
 
 
@@ -125,10 +137,12 @@ def _valid(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def face_rows(photos: pa.Table, embeddings: np.ndarray,
               predictions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-              tasks: Sequence[tuple[str, str]] = (), model_version: str | None = None) -> pa.Table:
+              tasks: Sequence[tuple[str, str]] = (), model_version: str | None = None,
+              track_ids: np.ndarray | None = None) -> pa.Table:
     """Explode photo rows into the prediction table: a row per face, or one per faceless photo.
 
-    ``embeddings`` and each prediction array are in face order (photo by photo).
+    ``embeddings``, each prediction array and ``track_ids`` (videos: -1 for a photo's
+    faces) are in face order (photo by photo).
     """
     counts = np.asarray(photos.column("face_count").to_numpy(zero_copy_only=False), np.int64)
     reps = np.maximum(counts, 1)
@@ -177,6 +191,14 @@ def face_rows(photos: pa.Table, embeddings: np.ndarray,
             cols[name] = pa.array(_spread(np.asarray(labels, np.float32), face_pos), pa.float32(), mask=~has_face)
         cols[f"{name}_score"] = pa.array(_spread(np.asarray(conf, np.float32), face_pos), pa.float32(), mask=~has_face)
     cols["model_version"] = pa.array([model_version] * n, pa.string())
+    for name in ("frame_index", "timestamp_s"):
+        cols[name] = (take_photo(name) if name in photos.schema.names
+                      else pa.nulls(n, pa.int32() if name == "frame_index" else pa.float32()))
+    if track_ids is None:
+        cols["track_id"] = pa.nulls(n, pa.int32())
+    else:
+        tid = _spread(np.asarray(track_ids, np.int64), face_pos)
+        cols["track_id"] = pa.array(tid, pa.int32(), mask=~has_face | (tid < 0))
     return pa.Table.from_arrays(list(cols.values()), schema=prediction_schema(tasks))
 
 

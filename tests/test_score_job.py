@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+import pipeline.decoding  # noqa: F401 - registers the HEIF writer the fixture saves with
 from jobs import score_directory
 from pipeline import table
 from pipeline.attributes import EMOTION_LABELS

@@ -51,5 +51,7 @@ def test_face_rows_explode_and_keep_every_photo(tmp_path):
 
 def test_no_model_table_has_no_task_columns():
     t = table.face_rows(_photos(), np.zeros((2, 128), np.float32))
-    assert t.column_names[-1] == "model_version" and "identity" not in t.column_names
+    assert t.column_names[-4:] == ["model_version", "frame_index", "timestamp_s", "track_id"]  # DESIGN.md order
+    assert "identity" not in t.column_names
+    assert all(t.column(c).null_count == t.num_rows for c in ("frame_index", "timestamp_s", "track_id"))  # photos
     assert t.column("model_version").null_count == t.num_rows

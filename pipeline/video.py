@@ -1,0 +1,348 @@
+"""Videos (DESIGN.md "Videos"): probe → time segments → sampled frames → the photo stages
+→ tracks.
+
+* **Listing**: ``storage.list_images(videos=True)`` lists videos beside photos; the scoring
+  job turns each video into one manifest row per time segment (``segment_manifest``), from
+  the duration a PyAV header probe reads (threads on the driver: a probe reads the
+  container header, a few KB, plus an mp4's index).  A two-hour file is 24 segments of
+  ``SEGMENT_S`` seconds, scored by whichever actors are free, never one task.
+* **Sampling**: frames at ``fps`` per second (``sample_frames``) by seeking where the gap
+  to the next sample is long, decoding forward otherwise, and converting to RGB only the
+  frames kept.  Each frame is a ``DecodedImage`` and goes through ``photos.analyse_image``:
+  the photo path's detector and chip warp, unchanged.
+* **Rows**: one per face per sampled frame, with ``frame_index`` (the frame's number in the
+  source video), ``timestamp_s`` and ``track_id``; a segment without any face is one
+  ``no_face`` row and one that does not decode one ``decode_error`` row (``timestamp_s``
+  = the segment's start, ``frame_index`` null); a truncated video gives the frames before
+  the damage and names the damage in ``error`` on every row of that segment.
+* **Tracks** (``assign_tracks``): after embeddings exist, a face joins the track of a face
+  of the last few sampled frames when their embeddings agree (cosine) and, unless the
+  embeddings agree strongly, their boxes overlap (IoU).  Greedy, best pairs first.  Tracks
+  restart at segment boundaries: ids are ``segment * TRACK_STRIDE + k``, so they stay
+  unique within a video, but one person crossing a boundary gets two ids.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from pipeline.contract import VIDEO_EXTENSIONS, extension
+
+DEFAULT_FPS = 1.0
+SEGMENT_S = 300.0        # seconds of video per manifest row (one task)
+TRACK_STRIDE = 100_000   # track ids of segment s are s*TRACK_STRIDE + 0, 1, …
+SEEK_GAP_S = 2.0         # seek when the next sample is further than this ahead
+# A face a second later is much closer to itself (cosine ~0.97-0.99 in the tests' shaky
+# clips) than two photos of one person are (dlib's 0.6 distance = cosine 0.82; two
+# different LFW people measured 0.84 here), so a track asks for more than "same person".
+SAME_FACE_COS = 0.9      # embeddings at least this close may join one track …
+SURE_FACE_COS = 0.95     # … this close join whatever their boxes
+MIN_IOU = 0.1            # … otherwise boxes must overlap at least this much
+TRACK_GAP = 3            # a track waits this many sampled frames for its face to come back
+
+
+def is_video(uri: str) -> bool:
+    return extension(uri) in VIDEO_EXTENSIONS
+
+
+def _open(fs: pafs.FileSystem, uri: str):
+    """A PyAV container over a local path or a random-access S3 file (ranged reads)."""
+    import av
+
+    from pipeline.storage import path_of
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        return av.open(path_of(uri), "r"), None
+    f = fs.open_input_file(path_of(uri))
+    try:
+        return av.open(f, "r"), f
+    except BaseException:
+        f.close()
+        raise
+
+
+@dataclass
+class Probe:
+    duration: float | None   # seconds; None: unknown (or not a video: the segment says why)
+    error: str | None = None
+
+
+def probe(fs: pafs.FileSystem, uri: str) -> Probe:
+    """The duration from the container header (nothing decoded)."""
+    try:
+        c, f = _open(fs, uri)
+    except Exception as exc:  # noqa: BLE001 - the crop stage reports it as a row
+        return Probe(None, f"{type(exc).__name__}: {exc}")
+    try:
+        stream = c.streams.video[0] if c.streams.video else None
+        if stream is None:
+            return Probe(None, "no video stream")
+        if stream.duration is not None and stream.time_base is not None:
+            return Probe(float(stream.duration * stream.time_base))
+        if c.duration is not None:
+            return Probe(c.duration / 1e6)
+        return Probe(None)
+    finally:
+        c.close()
+        if f is not None:
+            f.close()
+
+
+SEGMENT_FIELDS = [pa.field("segment", pa.int32()), pa.field("segment_start", pa.float64()),
+                  pa.field("segment_end", pa.float64())]
+
+
+def segment_manifest(manifest: pa.Table, fs: pafs.FileSystem, segment_s: float = SEGMENT_S,
+                     threads: int = 16) -> pa.Table:
+    """The listing with each video replaced by one row per ``segment_s`` seconds
+    (``segment``, ``segment_start``, ``segment_end``; null for photos).  A video whose
+    duration the header does not give is one open-ended segment."""
+    uris = manifest.column("image_uri").to_pylist()
+    sizes = manifest.column("size").to_pylist()
+    vids = [u for u in uris if is_video(u)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        probes = dict(zip(vids, pool.map(lambda u: probe(fs, u), vids)))
+    rows = []
+    for u, s in zip(uris, sizes):
+        if u not in probes:
+            rows.append((u, s, None, None, None))
+            continue
+        d = probes[u].duration
+        n = max(1, math.ceil(d / segment_s)) if d else 1
+        for k in range(n):
+            end = (k + 1) * segment_s if k < n - 1 else math.inf
+            rows.append((u, s, k, k * segment_s, end))
+    cols = list(zip(*rows)) if rows else [[]] * 5
+    schema = pa.schema([*manifest.schema, *SEGMENT_FIELDS])
+    return pa.table([pa.array(c, f.type) for c, f in zip(cols, schema)], schema=schema)
+
+
+@dataclass
+class Frame:
+    rgb: np.ndarray
+    index: int          # frame number in the source video
+    time: float         # seconds
+
+
+@dataclass
+class Sampling:
+    frames: list[Frame]
+    error: str | None   # None, or what stopped decoding early (damage, truncation)
+    opened: bool        # False: not a video we can open at all
+
+
+def sample_frames(fs: pafs.FileSystem, uri: str, fps: float, start: float = 0.0, end: float = math.inf,
+                  on_frame=None, threads: int = 1) -> Sampling:
+    """The frames at ``start, start + 1/fps, …`` (< ``end``): for each sample time the
+    first frame at or after it.  Seeks (to the keyframe before the target) when the next
+    sample is over ``SEEK_GAP_S`` ahead of what was decoded, else decodes forward; only
+    kept frames are converted to RGB.  ``on_frame(frame)``: called per kept frame instead
+    of collecting them (so a segment need not hold all its pixels)."""
+    import av
+
+    frames: list[Frame] = []
+    keep = frames.append if on_frame is None else on_frame
+    try:
+        c, f = _open(fs, uri)
+    except Exception as exc:  # noqa: BLE001
+        return Sampling([], f"{type(exc).__name__}: {exc}", False)
+    try:
+        if not c.streams.video:
+            return Sampling([], "no video stream", False)
+        stream = c.streams.video[0]
+        stream.thread_type = "SLICE" if threads <= 1 else "AUTO"
+        stream.codec_context.thread_count = threads
+        tb = float(stream.time_base)
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        declared = float(stream.duration * stream.time_base) if stream.duration is not None else None
+        step = 1.0 / fps
+        k = math.ceil(start / step - 1e-9)
+        target = k * step
+        last = -math.inf   # time of the last decoded frame
+        error = None
+        kept = 0
+        while target < end:
+            if target - last > SEEK_GAP_S:
+                c.seek(int((target + t0) / tb), stream=stream, backward=True, any_frame=False)
+            got = None
+            try:
+                for frame in c.decode(stream):
+                    if frame.pts is None:
+                        continue
+                    t = frame.pts * tb - t0
+                    last = t
+                    if t + 0.5 / rate >= target:   # the frame shown at the target time
+                        got = (frame, t)
+                        break
+            except av.error.FFmpegError as exc:
+                error = f"decoding stopped at {max(last, 0):.2f} s: {type(exc).__name__}: {exc}"
+            if got is None:
+                break
+            frame, t = got
+            if t >= end:
+                break
+            keep(Frame(frame.to_ndarray(format="rgb24"), int(round(t * rate)), float(t)))
+            kept += 1
+            k = max(k + 1, math.floor(t / step + 1e-9) + 1)   # next target after this frame
+            target = k * step
+            if error:
+                break
+        if error is None and declared is not None and kept and min(end, declared) - last > max(step, 2.0 / rate) + 0.5:
+            error = f"video truncated: decoded up to {last:.2f} s of {declared:.2f} s"
+        if error is None and declared is not None and not kept and start < declared - 0.5:
+            error = f"video truncated: no frames from {start:.2f} s on (the header says {declared:.2f} s)"
+        return Sampling(frames, error, True)
+    except Exception as exc:  # noqa: BLE001
+        return Sampling(frames, f"{type(exc).__name__}: {exc}", True)
+    finally:
+        c.close()
+        if f is not None:
+            f.close()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes (x, y, w, h): a N×4, b M×4 → N×M."""
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    return inter / np.maximum(union, 1e-6)
+
+
+def link_frames(frames: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Per frame (boxes N×4, unit embeddings N×D, in time order) the local track of each
+    face (0, 1, … in order of first appearance)."""
+    out: list[np.ndarray] = []
+    tracks: list[dict] = []   # {"box", "emb", "seen": frame number}
+    for n, (boxes, embs) in enumerate(frames):
+        ids = np.full(len(boxes), -1, np.int64)
+        live = [i for i, t in enumerate(tracks) if n - t["seen"] <= TRACK_GAP]
+        if live and len(boxes):
+            cos = embs @ np.stack([tracks[i]["emb"] for i in live]).T
+            iou = _iou(boxes, np.stack([tracks[i]["box"] for i in live]))
+            ok = (cos >= SAME_FACE_COS) & ((iou >= MIN_IOU) | (cos >= SURE_FACE_COS))
+            score = np.where(ok, cos + 0.5 * iou, -np.inf)
+            while np.isfinite(score).any():
+                f, t = np.unravel_index(np.argmax(score), score.shape)
+                ids[f] = live[t]
+                score[f, :] = -np.inf
+                score[:, t] = -np.inf
+        for f in range(len(boxes)):
+            if ids[f] < 0:
+                ids[f] = len(tracks)
+                tracks.append({})
+            tracks[ids[f]] = {"box": boxes[f], "emb": embs[f], "seen": n}
+        out.append(ids)
+    return out
+
+
+def assign_tracks(photos: pa.Table, embeddings: np.ndarray) -> np.ndarray | None:
+    """Track ids for every face of a batch of crop-stage rows (``table.PHOTO_SCHEMA``; the
+    embeddings in face order), -1 for photo faces; None when the batch holds no video."""
+    if "segment" not in photos.schema.names or photos.column("segment").null_count == photos.num_rows:
+        return None
+    counts = np.asarray(photos.column("face_count").to_numpy(zero_copy_only=False), np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    boxes = np.asarray(photos.column("boxes").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                       np.float32).reshape(-1, 4)
+    out = np.full(int(counts.sum()), -1, np.int64)
+    uris = photos.column("image_uri").to_pylist()
+    segs = photos.column("segment").to_pylist()
+    times = photos.column("timestamp_s").to_pylist()
+    groups: dict[tuple, list[int]] = {}
+    for i, (u, s) in enumerate(zip(uris, segs)):
+        if s is not None and counts[i]:
+            groups.setdefault((u, s), []).append(i)
+    for (_, seg), rows in groups.items():
+        rows.sort(key=lambda i: times[i])
+        ids = link_frames([(boxes[starts[i]:starts[i + 1]], embeddings[starts[i]:starts[i + 1]]) for i in rows])
+        for i, local in zip(rows, ids):
+            out[starts[i]:starts[i + 1]] = seg * TRACK_STRIDE + local
+    return out
+
+
+def done_segments(existing: pa.Table, manifest: pa.Table) -> np.ndarray:
+    """For --resume: which manifest rows are already written (a photo: any row of it; a
+    video segment: any row of that video with ``timestamp_s`` inside the segment; every
+    segment yields at least one row, all committed in one part file)."""
+    uris = manifest.column("image_uri")
+    have = existing.column("image_uri")
+    photo_done = pc.is_in(uris, value_set=pa.array(sorted(set(have.to_pylist())), pa.string()))
+    done = np.asarray(photo_done.to_numpy(zero_copy_only=False), bool)
+    if "segment" not in manifest.schema.names:
+        return done
+    seg = manifest.column("segment").to_pylist()
+    if all(s is None for s in seg):
+        return done
+    ts_col = existing.column("timestamp_s") if "timestamp_s" in existing.schema.names else None
+    times: dict[str, list[float]] = {}
+    if ts_col is not None:
+        for u, t in zip(have.to_pylist(), ts_col.to_pylist()):
+            if t is not None:
+                times.setdefault(u, []).append(t)
+    lo = manifest.column("segment_start").to_pylist()
+    hi = manifest.column("segment_end").to_pylist()
+    for i, (u, s) in enumerate(zip(uris.to_pylist(), seg)):
+        if s is not None:
+            done[i] = any(lo[i] - 1e-3 <= t < hi[i] - 1e-3 for t in times.get(u, ()))
+    return done
+
+
+def segment_rows(fs: pafs.FileSystem, uri: str, segment: int, start: float, end: float | None,
+                 detector, settings) -> list[dict]:
+    """One manifest segment → crop-stage rows (``table.PHOTO_SCHEMA``): a row per sampled
+    frame with faces, or one ``no_face`` / ``decode_error`` row for the segment."""
+    from pipeline.contract import DECODE_ERROR, NO_FACE, OK, TOO_LARGE
+    from pipeline.decoding import DecodedImage
+    from pipeline.photos import analyse_image
+
+    end = math.inf if end is None else end
+    rows: list[dict] = []
+    size: list[int] = []
+    too_large: list[str] = []
+
+    def on_frame(fr: Frame) -> None:
+        h, w = fr.rgb.shape[:2]
+        size[:] = [w, h]
+        if w * h > settings.max_pixels:
+            too_large[:] = [f"frames are {w}×{h} pixels, limit {settings.max_pixels}"]
+            return
+        res = analyse_image(DecodedImage(np.ascontiguousarray(fr.rgb), w, h, 1.0), detector)
+        if res.faces:
+            rows.append(dict(
+                image_uri=uri, status=OK, error=None, width=w, height=h, face_count=len(res.faces),
+                boxes=[float(v) for f in res.faces for v in f.bbox],
+                landmarks=[float(v) for f in res.faces for v in np.ravel(f.landmarks)],
+                scores=[float(f.score) for f in res.faces], main_face=res.main,
+                chips=np.ascontiguousarray(res.chips).tobytes(), frame_index=fr.index, timestamp_s=fr.time,
+                segment=segment))
+
+    got = sample_frames(fs, uri, settings.video_fps, start, end, on_frame=on_frame)
+    if too_large:
+        return [_status_row(uri, segment, start, TOO_LARGE, too_large[0], *size)]
+    if got.error:
+        for r in rows:
+            r["error"] = got.error
+    if rows:
+        return rows
+    if not got.opened:
+        return [_status_row(uri, segment, start, DECODE_ERROR, got.error or "not a video")]
+    if got.error and not size:
+        return [_status_row(uri, segment, start, DECODE_ERROR, got.error)]
+    return [_status_row(uri, segment, start, NO_FACE, got.error, *(size or [None, None]))]
+
+
+def _status_row(uri: str, segment: int, start: float, status: str, error: str | None,
+                width: int | None = None, height: int | None = None) -> dict:
+    return dict(image_uri=uri, status=status, error=error, width=width, height=height, face_count=0,
+                boxes=[], landmarks=[], scores=[], main_face=None, chips=b"", frame_index=None,
+                timestamp_s=start, segment=segment)

@@ -1,0 +1,144 @@
+"""Videos (DESIGN.md "Videos"): clips made here from real photos, scored by the real job.
+
+One clip: 3 s of one person cut to 3 s of another, with camera shake (an affine jitter
+per frame), H.264 in mp4 (index at the front, so a cut-off copy still opens); a
+truncated copy; a text file named .mp4.  Sampled at 2 frames/s, 4 s segments (so the
+clip is two tasks and tracks restart at 4 s).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pytest
+
+from jobs import score_directory
+from pipeline import table, video
+
+FPS, SHOT_S, SIZE = 25, 3, 320
+ARGS = ["--video-fps", "2", "--video-segment-s", "4", "--no-attributes"]
+
+
+def _frames(photo: Path, n: int, rng: np.random.Generator):
+    img = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+    img = cv2.resize(img, (SIZE, SIZE))
+    for _ in range(n):  # small camera shake: rotation ±1.5°, shift ±4 px, zoom ±2%
+        m = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), rng.uniform(-1.5, 1.5), rng.uniform(0.98, 1.02))
+        m[:, 2] += rng.uniform(-4, 4, 2)
+        yield cv2.warpAffine(img, m, (SIZE, SIZE), borderMode=cv2.BORDER_REFLECT)
+
+
+def make_clip(path: Path, photos: list[Path], seed: int = 0, codec: str = "libx264") -> None:
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        s = out.add_stream(codec, rate=FPS)
+        s.width = s.height = SIZE
+        s.pix_fmt = "yuv420p"
+        s.options = {"g": "25"}   # a keyframe a second: seeking has somewhere to land
+        for photo in photos:
+            for rgb in _frames(photo, FPS * SHOT_S, rng):
+                for pkt in s.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+
+
+@pytest.fixture(scope="module")
+def clips(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    a = sorted((data_dir / "identities" / "Andre_Agassi").glob("*.jpg"))[2]   # one face in the picture
+    b = sorted((data_dir / "identities" / "Ariel_Sharon").glob("*.jpg"))[0]
+    make_clip(root / "cut.mp4", [a, b])
+    data = (root / "cut.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: int(len(data) * 0.4)])
+    (root / "notes.mp4").write_text("this is not a video\n")
+    for p in (a, b):  # the two people's photos, scored beside the videos
+        (root / p.name).write_bytes(p.read_bytes())
+    return {"root": root, "a": a.name, "b": b.name}
+
+
+def test_sampling_seeks_and_keeps_the_requested_times(clips):
+    import pyarrow.fs as pafs
+
+    fs = pafs.LocalFileSystem()
+    uri = str(clips["root"] / "cut.mp4")
+    assert abs(video.probe(fs, uri).duration - 2 * SHOT_S) < 0.1
+    got = video.sample_frames(fs, uri, 2.0)
+    assert got.error is None and [f.time for f in got.frames] == pytest.approx([k / 2 for k in range(12)], abs=0.05)
+    assert all(abs(f.index - k * FPS / 2) <= 0.5 and f.index == round(f.time * FPS) for k, f in enumerate(got.frames))
+    seg = video.sample_frames(fs, uri, 2.0, 4.0, 6.0)
+    assert [f.time for f in seg.frames] == pytest.approx([4, 4.5, 5, 5.5], abs=0.05)
+    bad = video.sample_frames(fs, str(clips["root"] / "notes.mp4"), 1.0)
+    assert not bad.opened and bad.error
+
+
+def _read(out: Path) -> pa.Table:
+    return pads.dataset(str(out), format="parquet").to_table()
+
+
+@pytest.fixture(scope="module")
+def scored(ray_cluster, clips, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scored") / "out"
+    assert score_directory.main(["--input", str(clips["root"]), "--output", str(out), *ARGS]) == 0
+    return out
+
+
+def test_video_rows_tracks_and_statuses(scored, clips, capsys):
+    t = _read(scored)
+    assert t.schema.equals(table.prediction_schema(), check_metadata=False)
+    rows = t.to_pylist()
+    by = {}
+    for r in rows:
+        by.setdefault(r["image_uri"].rsplit("/", 1)[1], []).append(r)
+    for name in (clips["a"], clips["b"]):   # photos: the video columns are null
+        assert by[name][0]["status"] == "ok" and by[name][0]["frame_index"] is None and by[name][0]["track_id"] is None
+    emb_a = np.array(by[clips["a"]][0]["embedding"])
+    emb_b = np.array(by[clips["b"]][0]["embedding"])
+
+    cut = sorted(by["cut.mp4"], key=lambda r: r["timestamp_s"])
+    assert [r["timestamp_s"] for r in cut] == pytest.approx([k / 2 for k in range(12)], abs=0.05)  # a face a frame
+    assert all(r["status"] == "ok" and r["face_count"] == 1 and r["error"] is None for r in cut)
+    assert all(abs(r["frame_index"] - k * FPS / 2) <= 0.5 for k, r in enumerate(cut))
+    for r in cut:  # the right person in each shot
+        e = np.array(r["embedding"])
+        closer_a = e @ emb_a > e @ emb_b
+        assert closer_a == (r["timestamp_s"] < SHOT_S), r["timestamp_s"]
+    tracks = [r["track_id"] for r in cut]
+    # one track per person per shot; segment 1 (from 4 s) starts new ids
+    assert len(set(tracks[:6])) == 1 and len(set(tracks[6:8])) == 1 and len(set(tracks[8:])) == 1
+    assert len({tracks[0], tracks[6], tracks[8]}) == 3
+    assert tracks[8] // video.TRACK_STRIDE == 1
+
+    trunc = sorted(by["truncated.mp4"], key=lambda r: r["timestamp_s"])
+    ok = [r for r in trunc if r["status"] == "ok"]
+    assert 1 <= len(ok) < 12 and all("truncated" in (r["error"] or "") or "decod" in (r["error"] or "") for r in ok)
+    assert [r["timestamp_s"] for r in ok] == pytest.approx([k / 2 for k in range(len(ok))], abs=0.05)
+    assert all(r["status"] == "decode_error" and r["error"] for r in trunc if r["status"] != "ok")
+    assert [r["status"] for r in by["notes.mp4"]] == ["decode_error"] and by["notes.mp4"][0]["error"]
+
+
+def test_resume_scores_each_video_segment_exactly_once(scored, clips, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    t = _read(scored)
+    # a crash after segment 0 of cut.mp4 was committed but before segment 1 was
+    part = tmp_path / "part"
+    part.mkdir()
+    cut = pc.ends_with(t.column("image_uri"), "cut.mp4")
+    late = pc.and_(cut, pc.greater_equal(pc.fill_null(t.column("timestamp_s"), 0), 4.0))
+    pq.write_table(t.filter(pc.invert(late)), part / "part-earlier-00000.parquet")
+    capsys.readouterr()
+    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", *ARGS]) == 0
+    assert "videos scored: 1" in capsys.readouterr().out   # only cut.mp4's missing segment
+    again = _read(part)
+    key = lambda r: (r["image_uri"], r["timestamp_s"], r["face_index"], r["status"])  # noqa: E731
+    assert sorted(map(key, again.to_pylist()), key=str) == sorted(map(key, t.to_pylist()), key=str)
+    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", *ARGS]) == 0
+    assert _read(part).num_rows == again.num_rows   # nothing left to do: nothing written twice
