@@ -1,14 +1,20 @@
-"""Bounded load test of the HTTP endpoint: N concurrent clients for T seconds, loopback only.
+"""Bounded load test of the HTTP endpoint against the batch job, loopback only, one run:
 
-The mix is mostly real photos (portraits and group photos from ../shared/data) plus bad
-requests (empty, text, truncated JPEG, a PNG header claiming 3.6 gigapixels, a body over
-the cap, a missing token) and, with a table, lookups.  It must end with **0 responses
-5xx** (and 0 transport errors): the exit code is 1 otherwise.  Prints requests/s and
-p50/p99 latency overall and per kind, with the machine and the command.
+1. the batch job (``pipeline.scoring.score``, the same Ray) on P and P/2 of a pool of
+   portraits: its **marginal photos/s** (fixed start-up cancelled out);
+2. POST /v1/faces with those portraits only, at 1, 4, 16 and 64 concurrent clients
+   (``--sweep``): photos/s, p50/p99, and the **ratio** to the batch job's photos/s;
+3. the mixed run (``--clients``, ``--seconds``): real photos (portraits, group photos)
+   plus bad requests (empty, text, truncated JPEG, a PNG header claiming 3.6 gigapixels,
+   a body over the cap, a missing token) and, with a table, lookups.
+
+503 with ``Retry-After`` is the designed answer of a full replica: the clients wait as told
+and it is counted apart.  Exit 1 on any other 5xx or a transport error, and (sweep) when
+the ratio is under 0.6 or p99 at 16 clients is ≥ 4× the single-request p50.
 
     .venv/bin/python benchmarks/serve_load.py                       # starts Ray + the app
     .venv/bin/python benchmarks/serve_load.py --seconds 30 --clients 32 --model DIR --table DIR
-    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a running endpoint
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --sweep ''   # a running endpoint
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ class LoadResult:
     by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     kind_status: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     transport_errors: Counter = field(default_factory=Counter)
+    designed_503: int = 0          # 503 + Retry-After + our JSON: a full replica, by design
+    photos_ok: Counter = field(default_factory=Counter)  # 200s per kind
 
     @property
     def requests(self) -> int:
@@ -57,14 +65,21 @@ class LoadResult:
 
     @property
     def server_errors(self) -> int:
-        return sum(n for s, n in self.statuses.items() if s >= 500)
+        """5xx other than the designed 503s."""
+        return sum(n for s, n in self.statuses.items() if s >= 500) - self.designed_503
+
+    def ok_latencies(self, kind: str) -> np.ndarray:
+        return np.asarray(self.ok_ms.get(kind) or [np.nan])
+
+    ok_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def lines(self) -> list[str]:
         lat = np.concatenate([np.asarray(v) for v in self.by_kind.values()]) if self.by_kind else np.zeros(1)
         out = [f"{self.requests} requests in {self.seconds:.1f} s with {self.clients} clients: "
                f"{self.requests / self.seconds:.1f} req/s, p50 {np.percentile(lat, 50):.0f} ms, "
                f"p99 {np.percentile(lat, 99):.0f} ms",
-               f"status codes: {dict(sorted(self.statuses.items()))}; 5xx: {self.server_errors}; "
+               f"status codes: {dict(sorted(self.statuses.items()))}; 503 + Retry-After (designed): "
+               f"{self.designed_503}; other 5xx: {self.server_errors}; "
                f"transport errors: {dict(self.transport_errors) or 0}"]
         for kind in sorted(self.by_kind):
             v = np.asarray(self.by_kind[kind])
@@ -127,9 +142,17 @@ async def _client(http, cases: list[Case], weights: list[float], deadline: float
         except httpx.HTTPError as exc:
             result.transport_errors[f"{case.kind}:{type(exc).__name__}"] += 1
             continue
-        result.by_kind[case.kind].append((time.perf_counter() - t) * 1000)
+        ms = (time.perf_counter() - t) * 1000
+        result.by_kind[case.kind].append(ms)
         result.statuses[status] += 1
         result.kind_status[case.kind][status] += 1
+        if status == 200:
+            result.photos_ok[case.kind] += 1
+            result.ok_ms[case.kind].append(ms)
+        retry = r.headers.get("retry-after", "")
+        if status == 503 and retry.isdigit() and r.headers.get("content-type", "").startswith("application/json"):
+            result.designed_503 += 1   # a full replica said when to come back: wait as told
+            await asyncio.sleep(min(float(retry), max(0.0, deadline - time.monotonic())))
 
 
 async def _run(base_url: str, cases: list[Case], seconds: float, clients: int, token: str | None) -> LoadResult:
@@ -154,6 +177,57 @@ def run_load(base_url: str, cases: list[Case], seconds: float = 30, clients: int
     return asyncio.run(_run(base_url, cases, seconds, clients, token))
 
 
+def portrait_pool(data_dir: Path, n: int) -> list[Path]:
+    """The portraits both the batch job and the endpoint get (every k-th LFW photo)."""
+    files = sorted((data_dir / "identities").rglob("*.jpg"))
+    return files[:: max(1, len(files) // n)][:n]
+
+
+def portrait_cases(files: list[Path]) -> list[Case]:
+    return [Case("portrait", "POST", "/v1/faces", f.read_bytes(), {"content-type": "image/jpeg"}) for f in files]
+
+
+def batch_marginal(files: list[Path], model: str | None) -> tuple[float, list[str]]:
+    """The batch job's marginal photos/s on ``files`` (all, then the first half) on the running Ray."""
+    import tempfile
+
+    from pipeline.scoring import score
+
+    lines, runs = [], []
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        for n in (len(files) // 2, len(files)):
+            src = Path(tmp) / f"in{n}"
+            src.mkdir()
+            for i, f in enumerate(files[:n]):
+                (src / f"{i:05d}_{f.name}").symlink_to(f)
+            t = time.perf_counter()
+            summary = score(str(src), str(Path(tmp) / f"out{n}"), model_uri=model, log=lambda *_: None)
+            wall = time.perf_counter() - t
+            runs.append((n, wall))
+            lines.append(f"batch job: {n} portraits in {wall:.1f} s ({getattr(summary, 'faces', '?')} faces)")
+    (n1, t1), (n2, t2) = runs
+    marginal = (n2 - n1) / max(1e-9, t2 - t1)
+    lines.append(f"batch job marginal: {marginal:.1f} photos/s ((n {n2} - {n1}) / ({t2:.1f} - {t1:.1f} s))")
+    return marginal, lines
+
+
+def sweep(url: str, files: list[Path], levels: list[int], seconds: float, token: str | None
+          ) -> tuple[dict[int, LoadResult], list[str]]:
+    """POST /v1/faces with the pool's portraits at each client count."""
+    cases = portrait_cases(files)
+    out, lines = {}, []
+    run_load(url, cases, min(3.0, seconds), max(levels), token)  # warm-up: threads, batches, connections
+    for n in levels:
+        r = run_load(url, cases, seconds, n, token)
+        out[n] = r
+        lat = r.ok_latencies("portrait")
+        lines.append(f"{n:3d} clients: {r.photos_ok['portrait'] / r.seconds:6.1f} photos/s  p50 "
+                     f"{np.nanpercentile(lat, 50):5.0f} ms  p99 {np.nanpercentile(lat, 99):5.0f} ms  "
+                     f"503+Retry-After {r.designed_503}  other 5xx {r.server_errors}  "
+                     f"transport errors {sum(r.transport_errors.values())}  codes {dict(sorted(r.statuses.items()))}")
+    return out, lines
+
+
 def _table_samples(table_uri: str) -> tuple[list[str], dict[str, str]]:
     """Some URIs and one (task, label) of a prediction table, for lookup requests."""
     from serve.lookup import PredictionIndex
@@ -171,32 +245,48 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import data_dir, header
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=15.0, help="the mixed run (0: skip it)")
+    p.add_argument("--clients", type=int, default=16, help="clients of the mixed run")
+    p.add_argument("--sweep", default="1,4,16,64", help="client counts of the portraits sweep ('' : skip)")
+    p.add_argument("--sweep-seconds", type=float, default=12.0)
+    p.add_argument("--portraits", type=int, default=240, help="pool of portraits (batch job: all, then half)")
+    p.add_argument("--no-batch", action="store_true", help="skip the batch job (no ratio)")
     p.add_argument("--url", help="a running endpoint (loopback); default: start Ray + the app here")
     p.add_argument("--model", help="model bundle for the app started here")
     p.add_argument("--table", help="prediction table for the app started here (also adds lookups)")
     p.add_argument("--token", default=os.environ.get("FACERAY_API_TOKEN") or "load-test-token")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     args = p.parse_args(argv)
-    header("serve_load: the HTTP endpoint under concurrent clients")
+    header("serve_load: the HTTP endpoint under concurrent clients, next to the batch job")
+    try:
+        print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    except OSError:
+        pass
     uris, labels = _table_samples(args.table) if args.table else ([], {})
     cases = default_cases(data_dir(), image_uris=uris, labels=labels)
+    pool = portrait_pool(data_dir(), args.portraits)
+    levels = [int(x) for x in args.sweep.split(",") if x.strip()]
     started_here = args.url is None
     url = args.url
+    marginal, ok = None, True
     if started_here:
         import socket
 
         for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                     "RAY_AUTH_MODE": "disabled"}.items():
+                     "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
             os.environ.setdefault(k, v)   # before the first `import ray`, which reads them
         import ray
         from ray import serve
 
+        from pipeline.resources import serve_plan
         from serve.app import APP_NAME, build_app
 
         ray.init(num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
                  log_to_driver=False)
+        if levels and not args.no_batch:  # first, alone on the cores: Serve's replicas would hold them
+            marginal, lines = batch_marginal(pool, args.model)
+            print("\n".join(lines), flush=True)
+        print(f"endpoint plan: {serve_plan(ray.cluster_resources()).describe()}")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -204,18 +294,39 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"model": args.model, "table": args.table, "token": args.token}),
                   name=APP_NAME, route_prefix="/")
-        print(f"app ready in {time.monotonic() - t:.1f} s on 127.0.0.1:{port}")
+        print(f"app ready in {time.monotonic() - t:.1f} s on 127.0.0.1:{port}", flush=True)
         url = f"http://127.0.0.1:{port}"
     try:
-        result = run_load(url, cases, args.seconds, args.clients, args.token)
+        results, lines = sweep(url, pool, levels, args.sweep_seconds, args.token) if levels else ({}, [])
+        print("\n".join(lines), flush=True)
+        mixed = run_load(url, cases, args.seconds, args.clients, args.token) if args.seconds > 0 else None
     finally:
         if started_here:
             serve.shutdown()
             ray.shutdown()
-    for line in result.lines():
-        print(line)
-    ok = result.server_errors == 0 and not result.transport_errors
-    print("PASS: no 5xx, no transport errors" if ok else "FAIL: server or transport errors")
+    for r in results.values():
+        ok &= r.server_errors == 0 and not r.transport_errors
+    if results:
+        rates = {n: r.photos_ok["portrait"] / r.seconds for n, r in results.items()}
+        best = max(rates, key=rates.get)
+        if marginal:
+            ratio = rates[best] / marginal
+            per_level = "".join(f"; {n} clients {v / marginal:.2f}" for n, v in rates.items())
+            print(f"ratio endpoint / batch job: {rates[best]:.1f} / {marginal:.1f} = {ratio:.2f} "
+                  f"(best, {best} clients; target ≥ 0.6){per_level}")
+            ok &= ratio >= 0.6
+        if 1 in results and 16 in results:
+            single = float(np.nanpercentile(results[1].ok_latencies("portrait"), 50))
+            p99 = float(np.nanpercentile(results[16].ok_latencies("portrait"), 99))
+            print(f"p99 at 16 clients / single-request p50: {p99:.0f} / {single:.0f} ms = {p99 / single:.1f}× "
+                  f"(target < 4×)")
+            ok &= p99 < 4 * single
+    if mixed is not None:
+        print("mixed run:")
+        for line in mixed.lines():
+            print(line)
+        ok &= mixed.server_errors == 0 and not mixed.transport_errors
+    print("PASS" if ok else "FAIL", "(no 5xx but the designed 503s, no transport errors, targets met)")
     return 0 if ok else 1
 
 

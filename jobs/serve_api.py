@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body cap (413 above)")
-    p.add_argument("--faces-replicas", type=int, default=1, help="replicas of the decode/detect stage")
+    p.add_argument("--replicas", "--faces-replicas", type=int,
+                   help="FacePipeline replicas (default: from the cluster, pipeline/resources.py:serve_plan)")
     p.add_argument("--token-env", default="FACERAY_API_TOKEN",
                    help="environment variable holding the bearer token (unset: no token)")
     p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
@@ -76,7 +77,7 @@ def _run(serve, args: argparse.Namespace, settings, app_name: str, build_app) ->
     app = build_app({"model": args.model, "table": args.table, "people": args.people,
                      "table_embeddings": args.table_embeddings,
                      "max_body_bytes": int(args.max_body_mb * 1024 * 1024), "settings": settings,
-                     "faces_replicas": args.faces_replicas})
+                     "replicas": args.replicas})
     serve.run(app, name=app_name, route_prefix="/")
     print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz)", flush=True)
     stopping.wait_forever()  # until SIGINT / SIGTERM: run_job exits 130 / 143

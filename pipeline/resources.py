@@ -85,15 +85,82 @@ def plan_resources(resources: dict[str, float], crop_actors: int | None = None,
                 write_cpus=write_cpus, precision=precision)
 
 
+@dataclass(frozen=True)
+class ServePlan:
+    """The endpoint's shape on a cluster, by the same rule as the batch job's ``Plan``.
+
+    CPU clusters: ``replicas`` fused ``FacePipeline`` replicas (one per crop actor of the batch
+    plan), each decode → detect → align → embed → heads, requests batched at the networks.
+    GPU clusters: ``replicas`` CPU replicas (decode/detect/align, heads) feed ``embed_replicas``
+    batched GPU ``Embeddings`` replicas.  ``max_ongoing`` per replica is what it admits
+    before answering 503 (Retry-After); Serve's own queue in front holds ``max_queued`` more.
+    """
+
+    cpus: float
+    gpus: float
+    replicas: int
+    replica_cpus: float
+    embed_replicas: int           # 0: fused (CPU clusters)
+    max_batch: int                # photos per forward pass (@serve.batch)
+    max_ongoing: int              # per replica, admitted at once; beyond: 503 + Retry-After
+    max_queued: int               # per replica, Serve's queue in front (native 503 beyond)
+    side_cpus: float              # Predictions (table lookups, search)
+
+    @property
+    def fused(self) -> bool:
+        return self.embed_replicas == 0
+
+    def describe(self) -> str:
+        head = f"cluster {self.cpus:g} CPU / {self.gpus:g} GPU: "
+        if self.fused:
+            return (head + f"{self.replicas} FacePipeline replicas × {self.replica_cpus:g} CPU, each decode → "
+                    f"detect → align → embed → heads, up to {self.max_batch} photos per forward, "
+                    f"{self.max_ongoing} admitted per replica")
+        return (head + f"{self.replicas} FacePipeline replicas × {self.replica_cpus:g} CPU (decode/detect/align, "
+                f"heads) → {self.embed_replicas} Embeddings replicas × 1 GPU, up to {self.max_batch} photos "
+                f"per forward, {self.max_ongoing} admitted per replica")
+
+    def autoscaling_config(self) -> dict[str, float]:
+        """Serve autoscaling for FacePipeline: a fixed size on CPU clusters (the cores are the
+        capacity), up to twice the CPU replicas on GPU clusters.  serve/config.yaml overrides it."""
+        return {"min_replicas": self.replicas, "initial_replicas": self.replicas,
+                "max_replicas": self.replicas * (1 if self.fused else 2),
+                "target_ongoing_requests": max(2, self.max_batch // 2),
+                "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
+
+
+def serve_plan(resources: dict[str, float], replicas: int | None = None) -> ServePlan:
+    """The endpoint's replicas from the cluster, by ``plan_resources``' rule: as many fused
+    replicas as the batch job has fused actors on CPU clusters; on GPU clusters, the batch
+    job's crop actors decode/detect and one Embeddings replica per GPU embeds."""
+    base = plan_resources(resources, crop_actors=replicas)
+    side = 0.1 if is_small(base.cpus) else 0.5
+    if base.fused:
+        n = base.crop_actors
+        per = max(0.1, math.floor((base.cpus - side - base.write_cpus) / n * 100) / 100) if is_small(base.cpus) \
+            else 1.0
+        batch = 16
+        return ServePlan(base.cpus, base.gpus, n, per, 0, batch, max_ongoing=batch, max_queued=batch,
+                         side_cpus=side)
+    batch = 32
+    free = base.cpus - side - base.write_cpus - base.embed_actors * serve_embed_cpus(base.cpus)
+    n = replicas or max(1, int(free // base.crop_cpus))
+    return ServePlan(base.cpus, base.gpus, n, base.crop_cpus, base.embed_actors, batch,
+                     max_ongoing=batch, max_queued=batch, side_cpus=side)
+
+
+def serve_embed_cpus(cpus: float) -> float:
+    """CPUs next to each GPU Embeddings replica (feeding the GPU)."""
+    return 0.5 if is_small(cpus) else 1.0
+
+
 def serve_actor_options(resources: dict[str, float]) -> dict[str, dict[str, float]]:
-    """CPU/GPU requests per Serve deployment, by the same rule as the batch plan.
+    """CPU/GPU requests per Serve deployment, from ``serve_plan``.
 
     A GPU is requested (for Embeddings only) when the cluster has one: asking for a GPU
     that does not exist leaves the replica pending forever.
     """
-    cpus, gpus = float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
-    small = is_small(cpus)
-    embed = {"num_cpus": 1.0, "num_gpus": 1.0} if gpus >= 1 else {"num_cpus": 0.5 if small else 1.0}
-    return {"Faces": {"num_cpus": 0.5 if small else 1.0}, "Embeddings": embed,
-            "Heads": {"num_cpus": 0.1 if small else 0.25}, "Predictions": {"num_cpus": 0.1 if small else 0.5},
-            "Api": {"num_cpus": 0.1 if small else 0.5}}
+    plan = serve_plan(resources)
+    return {"FacePipeline": {"num_cpus": plan.replica_cpus},
+            "Embeddings": {"num_cpus": serve_embed_cpus(plan.cpus), "num_gpus": 1.0},
+            "Predictions": {"num_cpus": plan.side_cpus}}

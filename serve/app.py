@@ -1,5 +1,8 @@
-"""The faceray HTTP endpoint: a Ray Serve application with a FastAPI ingress (``Api``) in
-front of the deployments of ``serve.deployments``; the HTTP concerns live in ``serve.http``.
+"""The faceray HTTP endpoint: a Ray Serve application whose FastAPI ingress ``FacePipeline``
+is also the face pipeline (decode → detect → align → batched embed → heads, one replica, no
+hop for the photo or its chips), next to ``Predictions`` (tables) and, on GPU clusters, GPU
+``Embeddings``; the shape comes from the cluster (``pipeline.resources.serve_plan``), the HTTP
+concerns live in ``serve.http``, the pipeline in ``serve.deployments.PipelineCore``.
 
 Run: ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or from Python
 ``serve.run(build_app({...}))`` / ``python jobs/serve_api.py --model URI --table URI``.
@@ -15,7 +18,7 @@ from ray import serve
 
 from pipeline.contract import EMBEDDING_DIM, NO_FACE, OK
 from pipeline.settings import Settings
-from serve.deployments import Embeddings, Faces, Heads, Predictions
+from serve.deployments import RETRY_AFTER_S, Embeddings, PipelineCore, Predictions
 from serve.http import (DEFAULT_K, DEFAULT_LIMIT, DEFAULT_MAX_BODY, ERRORS, MAX_K, MAX_LIMIT, PHOTO_OPENAPI,
                         STATUS_HTTP, ApiError, FacesOut, PeopleOut, PredictionsOut, SearchOut, authorize, face_json,
                         install_error_handlers, probe_png, read_photo)
@@ -27,42 +30,47 @@ app = FastAPI(
     version="1",
     description="Faces, boxes, landmarks, embeddings and labels for one photo; rows of a batch "
                 "prediction table. With a token configured every /v1 route needs "
-                "`Authorization: Bearer <token>`; /healthz and /docs stay open.",
+                "`Authorization: Bearer <token>`; /healthz and /docs stay open. A full replica "
+                "answers 503 with `Retry-After`.",
 )
 install_error_handlers(app)
 
 
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
-class Api:
-    """HTTP in front of the stages: reads and checks the body, then faces → embeddings → heads."""
+class FacePipeline(PipelineCore):
+    """The ingress and the face pipeline in one replica: HTTP checks, then decode → detect →
+    align → (batched) embed → heads, with no hop for the photo or its chips."""
 
-    def __init__(self, faces, embeddings, heads, predictions, settings: Settings) -> None:
-        self.faces, self.embeddings, self.heads, self.predictions = faces, embeddings, heads, predictions
+    def __init__(self, predictions, settings: Settings, embeddings=None, features: bool = False,
+                 max_batch: int = 16, max_ongoing: int = 32) -> None:
+        super().__init__(settings, embeddings, features=features, max_batch=max_batch, max_ongoing=max_ongoing)
+        self.predictions = predictions
         self.api_token = settings.api_token or None
         self.max_body_bytes = DEFAULT_MAX_BODY
 
     def reconfigure(self, config: dict | None) -> None:
         self.max_body_bytes = int((config or {}).get("max_body_bytes") or DEFAULT_MAX_BODY)
+        self.configure(config)
 
     async def _photo_faces(self, request: Request):
-        """The uploaded photo's faces, embeddings and built-in attributes (4xx for a bad photo)."""
+        """The uploaded photo's faces, embeddings and labels (4xx for a bad photo, 503 when full)."""
         authorize(request, self.api_token)
-        data = await read_photo(request, self.max_body_bytes)
-        photo = await self.faces.analyse.remote(data)
-        if photo.status in STATUS_HTTP:
-            raise ApiError(STATUS_HTTP[photo.status], f"{photo.status}: {photo.error}")
-        emb, builtin, features = np.zeros((0, EMBEDDING_DIM), np.float32), None, None
-        if photo.faces:
-            emb, builtin, features = await self.embeddings.remote(photo.chips)
-        return photo, emb, builtin, features
+        data = await read_photo(request, self.max_body_bytes)  # bad bodies never reach the models
+        with self.admission.admit():  # full: 503 + Retry-After now, no queue
+            photo = await self.analyse(data)
+            if photo.status in STATUS_HTTP:
+                raise ApiError(STATUS_HTTP[photo.status], f"{photo.status}: {photo.error}")
+            emb, preds, version = np.zeros((0, EMBEDDING_DIM), np.float32), [], self.model_version
+            if photo.faces:
+                emb, preds, version = await self.predict(photo.chips)
+        return photo, emb, preds, version
 
     @app.post("/v1/faces", response_model=FacesOut, response_model_exclude_unset=True,
               responses=ERRORS, openapi_extra=PHOTO_OPENAPI)
     async def faces_of_photo(self, request: Request, embedding: bool = False) -> dict[str, Any]:
         """Faces of one photo with boxes, landmarks and each task's label (same numbers as the batch job)."""
-        photo, emb, builtin, features = await self._photo_faces(request)
-        preds, version = await self.heads.predict.remote(emb, builtin, features)
+        photo, emb, preds, version = await self._photo_faces(request)
         faces = []
         for i, f in enumerate(photo.faces):
             face = {**face_json(f), "predictions": preds[i]}
@@ -125,8 +133,8 @@ class Api:
     async def model(self, request: Request) -> dict[str, Any]:
         """The bundle in use (tasks, labels, version), the embedding backbone and the table."""
         authorize(request, self.api_token)
-        info = await self.heads.info.remote()
-        info["embedding"] = await self.embeddings.info.remote()
+        info = self.model_info()
+        info["embedding"] = await self.embedding_info()
         info["table"] = await self.predictions.info.remote()
         return info
 
@@ -134,15 +142,14 @@ class Api:
     async def healthz(self) -> JSONResponse:
         """Runs a tiny batch through every stage (decode/detect, embed, heads); 503 if one fails."""
         try:
-            photo = await self.faces.analyse.remote(probe_png())
+            photo = await self.analyse(probe_png())
             if photo.status not in (OK, NO_FACE):
                 raise RuntimeError(f"faces stage: probe photo got {photo.status}: {photo.error}")
             chip = np.full((1, 128, 128, 3), 127, np.uint8)
-            emb, builtin, features = await self.embeddings.remote(chip)
+            emb, preds, version = await self.predict(chip)
             norm = float(np.linalg.norm(emb[0]))
             if not np.isfinite(emb).all() or abs(norm - 1.0) > 1e-3:
                 raise RuntimeError(f"embeddings stage: probe embedding has norm {norm}")
-            preds, version = await self.heads.predict.remote(emb, builtin, features)
             table = await self.predictions.info.remote()
         except Exception as exc:  # report, don't raise: the answer is "unhealthy", not a crash
             return JSONResponse({"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"}, 503)
@@ -152,36 +159,48 @@ class Api:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application; ``args`` (all optional): ``model`` (bundle URI), ``table`` (prediction
-    table URI: lookups and search), ``people`` (cluster_faces.py output), ``table_embeddings`` (bool), ``max_body_bytes``, ``token``, ``faces_replicas``,
-    and ``settings`` (a ``Settings`` or a dict of its fields, e.g. ``min_face``) on top of
+    table URI: lookups and search), ``people`` (cluster_faces.py output), ``table_embeddings`` (bool),
+    ``max_body_bytes``, ``token``, ``replicas`` (FacePipeline replicas; default from the cluster,
+    ``pipeline.resources.serve_plan``), ``max_ongoing`` (photo requests admitted per replica before
+    503), and ``settings`` (a ``Settings`` or a dict of its fields, e.g. ``min_face``) on top of
     ``FACERAY_*``.  Settings are made here, once, and handed to every replica.
-    ``serve/config.yaml``'s user_config overrides model/table/max_body_bytes.
+    ``serve/config.yaml``'s user_config overrides model/table/max_body_bytes/max_ongoing, and its
+    ``autoscaling_config`` (if given) the replica count.
     """
     import ray
 
-    from pipeline.resources import serve_actor_options
+    from pipeline.resources import serve_actor_options, serve_plan
 
     args = dict(args or {})
     given = args.get("settings") or {}
     settings = given if isinstance(given, Settings) else Settings.from_env(**dict(given))
     if args.get("token"):
         settings = settings.model_copy(update={"api_token": args["token"]})
-    opts = serve_actor_options(ray.cluster_resources() if ray.is_initialized() else {})
-    faces = Faces.options(ray_actor_options=opts["Faces"],
-                          num_replicas=int(args.get("faces_replicas") or 1)).bind(settings)
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    replicas = args.get("replicas") or args.get("faces_replicas")
+    plan = serve_plan(resources, replicas=int(replicas) if replicas else None)
+    opts = serve_actor_options(resources)
+    max_ongoing = int(args.get("max_ongoing") or plan.max_ongoing)
     # the attribute networks also run with --no-attributes when the bundle's heads read their features
     features = False
     if args.get("model") and not settings.attributes:
         from pipeline.heads import ModelBundle
 
         features = bool(ModelBundle.load(args["model"]).feature_sets)
-    embeddings = Embeddings.options(ray_actor_options=opts["Embeddings"]).bind(settings, features=features)
-    heads = Heads.options(ray_actor_options=opts["Heads"],
-                          user_config={"model_uri": args.get("model")}).bind()
+    embeddings = None
+    if not plan.fused:  # GPU cluster: the CPU replicas feed batched GPU replicas
+        embeddings = Embeddings.options(ray_actor_options=opts["Embeddings"], num_replicas=plan.embed_replicas
+                                        ).bind(settings, batch_size=256, features=features)
     predictions = Predictions.options(
         ray_actor_options=opts["Predictions"],
         user_config={"table_uri": args.get("table"), "people_uri": args.get("people"),
                      "embeddings": bool(args.get("table_embeddings"))}).bind()
-    return Api.options(ray_actor_options=opts["Api"],
-                       user_config={"max_body_bytes": int(args.get("max_body_bytes") or DEFAULT_MAX_BODY)}
-                       ).bind(faces, embeddings, heads, predictions, settings)
+    return FacePipeline.options(
+        ray_actor_options=opts["FacePipeline"], autoscaling_config=plan.autoscaling_config(),
+        # admitted requests + cheap ones (4xx, lookups); Serve's own queue holds max_queued more,
+        # beyond that its native 503 (plain text) with Retry-After
+        max_ongoing_requests=2 * max_ongoing, max_queued_requests=plan.max_queued,
+        backpressure_config={"retry_after_s": RETRY_AFTER_S},
+        user_config={"model_uri": args.get("model"), "max_ongoing": max_ongoing,
+                     "max_body_bytes": int(args.get("max_body_bytes") or DEFAULT_MAX_BODY)},
+    ).bind(predictions, settings, embeddings, features=features, max_batch=plan.max_batch, max_ongoing=max_ongoing)

@@ -1,18 +1,21 @@
-"""The Ray Serve deployments behind the HTTP ingress.  Each reuses the batch pipeline's own
-stage, so one photo gets the same numbers online as in the prediction table:
+"""What the Ray Serve deployments do, apart from HTTP (``serve.app`` puts the routes on top).
+Each reuses the batch pipeline's own stages, so one photo gets the same numbers online as
+in the prediction table:
 
-* ``Faces``       — CPU: bytes → decode → detect → align (``pipeline.photos.analyse_photo``).
-* ``Embeddings``  — ``pipeline.embed.Embedder`` behind ``@serve.batch``: chips of concurrent
-  requests share one forward pass.  Asks for a GPU only when the cluster has GPUs.
-* ``Heads``       — ``pipeline.heads.ModelBundle``; ``user_config.model_uri`` picks the bundle,
-  so ``serve deploy`` with a new URI swaps it in place (``reconfigure``) without a restart.
+* ``PipelineCore`` — the body of ``serve.app.FacePipeline``, the ingress: bytes → decode →
+  detect → align (``pipeline.photos.analyse_photo``, in a thread) → the chips of concurrent
+  requests batched (``@serve.batch``) into one ``pipeline.predict.FaceModels`` pass →
+  the bundle's heads.  ``user_config.model_uri`` picks the bundle; ``serve deploy`` with a new
+  URI swaps it in place (``reconfigure``) without a restart.  On GPU clusters the batched
+  call goes to ``Embeddings`` (the GPU) instead of a local ``FaceModels``.
+* ``Embeddings``  — ``FaceModels`` behind ``@serve.batch`` on a GPU (GPU clusters only).
 * ``Predictions`` — a batch prediction table held in memory (``serve.lookup``);
   ``user_config.table_uri`` picks it.
 
 Settings arrive as a constructor argument (made once in ``build_app``), never read here.
 """
 import asyncio
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,33 +24,136 @@ from ray import serve
 
 from pipeline.contract import CLASSIFICATION
 from pipeline.settings import Settings
+from serve.http import Admission
+
+#: Seconds a client is told to wait (Retry-After) when a replica is full.
+RETRY_AFTER_S = 1
 
 
-@serve.deployment(max_ongoing_requests=8)
-class Faces:
-    """Decode, detect and align one photo: the scoring job's CPU stage, unchanged."""
+class PipelineCore:
+    """One replica's face pipeline: a detector (one thread), the networks (``FaceModels``,
+    or a handle to GPU ``Embeddings``) and the bundle; photo requests are admitted up to
+    ``max_ongoing`` (beyond: 503 + Retry-After, ``serve.http.Admission``), their chips batched
+    at the networks."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, embeddings: Any = None, features: bool = False,
+                 max_batch: int = 16, max_ongoing: int = 32) -> None:
         from pipeline.faces import FaceDetector
 
         self.settings = settings
-        self.detector = FaceDetector.from_settings(self.settings)
-        self._lock = threading.Lock()  # one detector per replica; Serve runs sync calls in threads
+        self.detector = FaceDetector.from_settings(settings)
+        self._detect = ThreadPoolExecutor(1, thread_name_prefix="detect")  # one detector, one thread
+        self.embeddings = embeddings            # GPU clusters: a handle; else the networks are here
+        self.models = None
+        if embeddings is None:
+            from pipeline.predict import FaceModels
 
-    def analyse(self, data: bytes):
+            self.models = FaceModels(settings, None, 32, features=features)  # faces per forward, as the batch job
+        self._state: tuple[str | None, Any] = (None, None)
+        self.admission = Admission(max_ongoing, RETRY_AFTER_S)
+        self._embed.set_max_batch_size(max_batch)
+
+    def configure(self, config: dict | None) -> None:
+        """``model_uri`` (load the new bundle first, then swap: requests in flight keep the
+        old one; a bad URI fails the deploy loudly), ``max_ongoing``, ``retry_after_s``."""
+        config = config or {}
+        if config.get("max_ongoing"):
+            self.admission.limit = int(config["max_ongoing"])
+        if config.get("retry_after_s"):
+            self.admission.retry_after_s = int(config["retry_after_s"])
+        uri = config.get("model_uri") or None
+        if uri is None:
+            self._state = (None, None)
+            return
+        from pipeline.heads import ModelBundle
+
+        self._state = (uri, ModelBundle.load(uri))
+
+    async def analyse(self, data: bytes):
+        """Decode → detect → align in the detector's thread (the event loop stays free)."""
         from pipeline.photos import analyse_photo
 
-        with self._lock:
-            return analyse_photo(data, self.detector, self.settings.max_pixels, self.settings.max_bytes)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._detect, analyse_photo, data, self.detector,
+                                          self.settings.max_pixels, self.settings.max_bytes)
 
-    def check_health(self) -> None:
-        if self.detector is None:
-            raise RuntimeError("no detector")
+    async def predict(self, chips: np.ndarray) -> tuple[np.ndarray, list[dict[str, dict]], str | None]:
+        """One photo's chips → (embeddings, per face {task: {label, score}}, bundle version)."""
+        return await self._embed(chips)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _embed(self, chips: list[np.ndarray]) -> list[tuple[np.ndarray, list[dict], str | None]]:
+        _, bundle = self._state  # one snapshot per batch: labels and version from the same bundle
+        if self.models is not None:
+            return await asyncio.to_thread(self._run_local, chips, bundle)
+        outs = await asyncio.gather(*(self.embeddings.remote(c) for c in chips))
+        return [self._labelled(emb, builtin, feats, bundle, np.zeros(len(emb), np.int64))
+                for emb, builtin, feats in outs]
+
+    def _run_local(self, chips: list[np.ndarray], bundle: Any) -> list[tuple[np.ndarray, list[dict], str | None]]:
+        """Every request's faces in one pass (photo i's faces have photo id i: a bundle's
+        joint identities stay within a photo, as in the batch job), split back per request."""
+        sizes = [len(c) for c in chips]
+        ids = np.repeat(np.arange(len(chips)), sizes)
+        emb, builtin, feats = self.models.run(np.concatenate(chips), ids)
+        out = self._labelled(emb, builtin, feats, bundle, ids)
+        cuts = np.cumsum(sizes)[:-1]
+        faces = np.split(np.arange(len(emb)), cuts)
+        return [(emb[f], [out[1][i] for i in f], out[2]) for f in faces]
+
+    def _labelled(self, emb: np.ndarray, builtin: dict, feats: dict, bundle: Any, ids: np.ndarray
+                  ) -> tuple[np.ndarray, list[dict], str | None]:
+        from pipeline.predict import table_tasks
+
+        n = len(emb)
+        preds = dict(builtin or {})
+        builtin_on = self.models.builtin_on if self.models is not None else bool(builtin)
+        if bundle is not None and n:
+            preds.update(bundle.predict(emb, ids, feats))
+        out: list[dict[str, dict]] = [{} for _ in range(n)]
+        for task, kind in table_tasks(builtin_on, bundle.tasks if bundle is not None else []):
+            if task not in preds:
+                continue
+            labels, scores = preds[task]
+            for i in range(n):
+                label = str(labels[i]) if kind == CLASSIFICATION else float(labels[i])
+                out[i][task] = {"label": label, "score": float(scores[i])}
+        return emb, out, bundle.model_version if bundle is not None else None
+
+    @property
+    def model_version(self) -> str | None:
+        bundle = self._state[1]
+        return bundle.model_version if bundle is not None else None
+
+    async def embedding_info(self) -> dict[str, Any]:
+        if self.models is None:
+            return await self.embeddings.info.remote()
+        return embedding_info(self.models)
+
+    def model_info(self) -> dict[str, Any]:
+        uri, bundle = self._state
+        if bundle is None:
+            return {"model_uri": None, "model_version": None, "tasks": []}
+        meta = bundle.meta
+        tasks = [{k: v for k, v in s.to_json().items()
+                  if k in ("name", "kind", "labels", "open_set", "exclusive", "features")}
+                 for s in bundle.specs]
+        return {"model_uri": uri, "model_version": bundle.model_version, "tasks": tasks,
+                "created_at": meta.get("created_at"), "backbone": meta.get("backbone"),
+                "metrics": meta.get("metrics")}
+
+
+def embedding_info(models: Any) -> dict[str, Any]:
+    embedder = models.embedder
+    spec = embedder.spec
+    return {"backbone": spec.id, "embedding_dim": spec.embedding_dim, "chip_size": spec.geometry.size,
+            "model_id": getattr(embedder, "model_id", spec.id), "device": str(getattr(embedder, "device", "cpu")),
+            "attributes": [name for name, _ in models.tasks]}
 
 
 @serve.deployment(max_ongoing_requests=64)
 class Embeddings:
-    """Face chips → 128-d unit embeddings, the built-in attributes and the attribute networks'
+    """GPU clusters: face chips → 128-d unit embeddings, the built-in attributes and the attribute networks'
     features (the batch stage's ``FaceModels``); concurrent requests share a forward pass.
 
     ``features``: run the attribute networks even with the built-in attributes off, because
@@ -59,7 +165,7 @@ class Embeddings:
         self.models = FaceModels(settings, None, batch_size, features=features)
         self.embedder = self.models.embedder
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def __call__(self, chips: list[np.ndarray]) -> list[tuple[np.ndarray, dict, dict]]:
         """Per request: (embeddings, {task: (labels, scores)}, {features: N×d}) of its faces."""
         sizes = [len(c) for c in chips]
@@ -72,67 +178,7 @@ class Embeddings:
                 for i, e in enumerate(np.split(emb, cuts))]
 
     def info(self) -> dict[str, Any]:
-        spec = self.embedder.spec
-        return {"backbone": spec.id, "embedding_dim": spec.embedding_dim, "chip_size": spec.geometry.size,
-                "model_id": getattr(self.embedder, "model_id", spec.id),
-                "device": str(getattr(self.embedder, "device", "cpu")),
-                "attributes": [name for name, _ in self.models.tasks]}
-
-
-@serve.deployment(max_ongoing_requests=64)
-class Heads:
-    """The model bundle named by ``user_config.model_uri`` (none: faces without labels)."""
-
-    def __init__(self) -> None:
-        self._state: tuple[str | None, Any] = (None, None)
-
-    def reconfigure(self, config: dict | None) -> None:
-        """Load the new bundle first, then swap it in: requests in flight keep the old one."""
-        uri = (config or {}).get("model_uri") or None
-        if uri is None:
-            self._state = (None, None)
-            return
-        from pipeline.heads import ModelBundle
-
-        self._state = (uri, ModelBundle.load(uri))  # raises: a bad URI fails the deploy loudly
-
-    def predict(self, embeddings: np.ndarray, builtin: dict | None = None, features: dict | None = None
-                ) -> tuple[list[dict[str, dict]], str | None]:
-        """Per face {task: {label, score}} for the faces of ONE photo, and the bundle's version.
-
-        ``builtin``: the attribute predictions made with the embeddings; a bundle task of
-        the same name replaces one (``pipeline.predict.table_tasks``).  ``features``: the
-        attribute networks' features of the same faces, for heads that read them.
-        """
-        from pipeline.predict import table_tasks
-
-        _, bundle = self._state  # one snapshot: labels and version come from the same bundle
-        n = len(embeddings)
-        preds = dict(builtin or {})
-        bundle_tasks = bundle.tasks if bundle is not None else []
-        if bundle is not None and n:
-            preds.update(bundle.predict(embeddings, np.zeros(n, np.int64), features))  # one photo: joint identities
-        out: list[dict[str, dict]] = [{} for _ in range(n)]
-        for task, kind in table_tasks(bool(builtin), bundle_tasks):
-            if task not in preds:
-                continue
-            labels, scores = preds[task]
-            for i in range(n):
-                label = str(labels[i]) if kind == CLASSIFICATION else float(labels[i])
-                out[i][task] = {"label": label, "score": float(scores[i])}
-        return out, bundle.model_version if bundle is not None else None
-
-    def info(self) -> dict[str, Any]:
-        uri, bundle = self._state
-        if bundle is None:
-            return {"model_uri": None, "model_version": None, "tasks": []}
-        meta = bundle.meta
-        tasks = [{k: v for k, v in s.to_json().items()
-                  if k in ("name", "kind", "labels", "open_set", "exclusive", "features")}
-                 for s in bundle.specs]
-        return {"model_uri": uri, "model_version": bundle.model_version, "tasks": tasks,
-                "created_at": meta.get("created_at"), "backbone": meta.get("backbone"),
-                "metrics": meta.get("metrics")}
+        return embedding_info(self.models)
 
 
 @dataclass

@@ -4,7 +4,8 @@ response models FastAPI documents at ``/docs``.
 """
 # No `from __future__ import annotations`: FastAPI and pydantic must see real classes.
 import hmac
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -132,6 +133,25 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg")) for e in exc.errors()]
         return JSONResponse({"error": "; ".join(parts), "status": 422}, 422)
+
+
+class Admission:
+    """At most ``limit`` requests inside ``admit()`` at once (one event loop: a plain counter);
+    the next one gets 503 + ``Retry-After`` at once instead of a place in a queue."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
+        self.limit, self.retry_after_s, self.inside = int(limit), int(retry_after_s), 0
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.inside >= self.limit:
+            raise ApiError(503, f"overloaded: {self.limit} photo requests in progress on this replica, "
+                                f"retry in {self.retry_after_s} s", {"Retry-After": str(self.retry_after_s)})
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
 
 
 def authorize(request: Request, token: str | None) -> None:

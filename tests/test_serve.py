@@ -98,7 +98,7 @@ def deploy_config(model: str | None, table: str | None, people: str | None = Non
     (app,) = cfg["applications"]
     app["args"] = {"token": TOKEN}
     for d in app["deployments"]:
-        if d["name"] == "Heads":
+        if d["name"] == "FacePipeline":
             d["user_config"]["model_uri"] = model
         if d["name"] == "Predictions":
             d["user_config"]["table_uri"] = table
@@ -195,7 +195,9 @@ def test_faces_match_the_batch_rows(api, scored, bundle):
 def test_phone_formats_are_accepted_and_a_video_is_not(api, scored):
     """HEIC (iPhones), AVIF (browsers, Android) and an EXIF-rotated HEIC answer like the JPEG."""
     from PIL import Image
+    from pillow_heif import register_heif_opener
 
+    register_heif_opener()   # Pillow writes HEIF through pillow-heif, as faceray reads it
     name, rows = next((n, r) for n, r in sorted(_rows_by_photo(scored["rows"]).items())
                       if r[0]["status"] == "ok" and r[0]["face_count"] == 1)
     img = Image.open(scored["root"] / name).convert("RGB")
@@ -417,8 +419,8 @@ def test_new_model_swaps_in_without_dropping_requests(api, scored, people_table)
     for t in threads:
         t.start()
     time.sleep(1.0)
-    heads_before = replicas("Heads")
-    deploy_config(None, scored["uri"], people_table)  # only Heads' user_config changes
+    heads_before = replicas("FacePipeline")
+    deploy_config(None, scored["uri"], people_table)  # only FacePipeline's user_config changes
     deadline = time.monotonic() + 60
     while api.get("/v1/model").json()["model_version"] is not None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -429,6 +431,57 @@ def test_new_model_swaps_in_without_dropping_requests(api, scored, people_table)
     assert api.get("/v1/model").json()["model_version"] is None
     assert statuses and all(s == 200 for s in statuses), [s for s in statuses if s != 200][:5]
     assert before in versions and versions[-1] is None  # both bundles answered, none failed
-    assert replicas("Heads") == heads_before and heads_before  # reconfigured in place, not replaced
+    assert replicas("FacePipeline") == heads_before and heads_before  # reconfigured in place, not replaced
     r = api.post("/v1/faces", content=data).json()
     assert r["faces"] and all(set(f["predictions"]) == {"age", "gender", "emotion"} for f in r["faces"])
+
+
+def test_overload_gets_a_fast_503_with_retry_after(api):
+    """Beyond what a replica admits (serve.http.Admission, as FacePipeline uses it), a request
+    gets 503 {"error", "status"} + Retry-After at once; the admitted one still answers 200."""
+    import concurrent.futures
+
+    import httpx
+    from fastapi import FastAPI
+    from ray import serve
+
+    from serve.http import Admission, install_error_handlers
+
+    web = FastAPI()
+    install_error_handlers(web)
+
+    @serve.deployment(max_ongoing_requests=16, max_queued_requests=4, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(web)
+    class Slow:
+        def __init__(self) -> None:
+            self.admission = Admission(1, retry_after_s=1)
+
+        @web.post("/work")
+        async def work(self) -> dict:
+            import asyncio
+
+            with self.admission.admit():
+                await asyncio.sleep(1.5)
+            return {"ok": True}
+
+    serve.run(Slow.bind(), name="overload-test", route_prefix="/overload-test")
+    try:
+        barrier = threading.Barrier(4)
+
+        def post(_):
+            with httpx.Client(base_url=api.url, timeout=30) as c:
+                barrier.wait()
+                t = time.perf_counter()
+                r = c.post("/overload-test/work")
+                return r, time.perf_counter() - t
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, range(4)))
+        codes = sorted(r.status_code for r, _ in answers)
+        assert codes == [200, 503, 503, 503], [(r.status_code, r.text) for r, _ in answers]
+        for r, seconds in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["status"] == 503, (r.headers, r.text)
+                assert "overloaded" in r.json()["error"] and seconds < 1.0, (r.text, seconds)
+    finally:
+        serve.delete("overload-test")
