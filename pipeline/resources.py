@@ -146,7 +146,7 @@ def serve_plan(resources: dict[str, float], replicas: int | None = None) -> Serv
     free = base.cpus - side - base.write_cpus - base.embed_actors * serve_embed_cpus(base.cpus)
     n = replicas or max(1, int(free // base.crop_cpus))
     return ServePlan(base.cpus, base.gpus, n, base.crop_cpus, base.embed_actors, batch,
-                     max_ongoing=batch, max_queued=batch, side_cpus=side)
+                     max_ongoing=batch, max_queued=4 * batch, side_cpus=side)
 
 
 def serve_embed_cpus(cpus: float) -> float:

@@ -197,9 +197,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                      "embeddings": bool(args.get("table_embeddings"))}).bind()
     return FacePipeline.options(
         ray_actor_options=opts["FacePipeline"], autoscaling_config=plan.autoscaling_config(),
-        # admitted requests + cheap ones (4xx, lookups); Serve's own queue holds max_queued more,
-        # beyond that its native 503 (plain text) with Retry-After
-        max_ongoing_requests=2 * max_ongoing, max_queued_requests=plan.max_queued,
+        # room for 4× the admitted photo requests, so that the rest reach the replica and get
+        # our 503 (JSON, Retry-After) at once, and for cheap ones (4xx, lookups); Serve's own
+        # queue (max_queued) is the backstop: its native 503 is plain text (with Retry-After)
+        max_ongoing_requests=4 * max_ongoing, max_queued_requests=plan.max_queued,
         backpressure_config={"retry_after_s": RETRY_AFTER_S},
         user_config={"model_uri": args.get("model"), "max_ongoing": max_ongoing,
                      "max_body_bytes": int(args.get("max_body_bytes") or DEFAULT_MAX_BODY)},
