@@ -93,7 +93,8 @@ class ServePlan:
     plan), each decode → detect → align → embed → heads, requests batched at the networks.
     GPU clusters: ``replicas`` CPU replicas (decode/detect/align, heads) feed ``embed_replicas``
     batched GPU ``Embeddings`` replicas.  ``max_ongoing`` per replica is what it admits
-    before answering 503 (Retry-After); Serve's own queue in front holds ``max_queued`` more.
+    before answering 503 (Retry-After); Serve's own queue in front (per proxy) holds at most
+    ``max_queued``, a backstop far above what admission lets through.
     """
 
     cpus: float
@@ -103,7 +104,7 @@ class ServePlan:
     embed_replicas: int           # 0: fused (CPU clusters)
     max_batch: int                # photos per forward pass (@serve.batch)
     max_ongoing: int              # per replica, admitted at once; beyond: 503 + Retry-After
-    max_queued: int               # per replica, Serve's queue in front (native 503 beyond)
+    max_queued: int               # Serve's queue in front, per proxy (its plain-text 503 beyond): a backstop
     side_cpus: float              # Predictions (table lookups, search)
 
     @property
@@ -140,13 +141,13 @@ def serve_plan(resources: dict[str, float], replicas: int | None = None) -> Serv
         per = max(0.1, math.floor((base.cpus - side - base.write_cpus) / n * 100) / 100) if is_small(base.cpus) \
             else 1.0
         batch = 16
-        return ServePlan(base.cpus, base.gpus, n, per, 0, batch, max_ongoing=batch, max_queued=batch,
+        return ServePlan(base.cpus, base.gpus, n, per, 0, batch, max_ongoing=batch, max_queued=16 * batch,
                          side_cpus=side)
     batch = 32
     free = base.cpus - side - base.write_cpus - base.embed_actors * serve_embed_cpus(base.cpus)
     n = replicas or max(1, int(free // base.crop_cpus))
     return ServePlan(base.cpus, base.gpus, n, base.crop_cpus, base.embed_actors, batch,
-                     max_ongoing=batch, max_queued=4 * batch, side_cpus=side)
+                     max_ongoing=batch, max_queued=16 * batch, side_cpus=side)
 
 
 def serve_embed_cpus(cpus: float) -> float:
