@@ -188,7 +188,8 @@ def cluster_graph(n: int, a: np.ndarray, b: np.ndarray, w: np.ndarray,
     big = np.flatnonzero(sizes >= 3)
     if len(big):
         batch_of = np.full(len(sizes), -1, np.int64)
-        batch_of[big] = (np.cumsum(sizes[big]) - sizes[big]) // batch_nodes
+        # a component bigger than a batch makes the raw numbers skip one: number them densely
+        batch_of[big] = np.unique((np.cumsum(sizes[big]) - sizes[big]) // batch_nodes, return_inverse=True)[1]
         node_batch, edge_batch = batch_of[comp], batch_of[comp[a]]
         n_batches = int(batch_of.max()) + 1
         node_order = np.argsort(node_batch, kind="stable")

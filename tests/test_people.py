@@ -109,3 +109,16 @@ def test_sharded_knn_equals_one_index():
 def test_threshold_from_verification_statistics():
     assert people.THRESHOLD == pytest.approx(0.939, abs=1e-3)
     assert people.odds_threshold(1.0) == pytest.approx(0.905, abs=2e-3)   # ≈ dlib's 0.6 at raw norm 1.43
+
+
+def test_cluster_graph_with_a_component_bigger_than_a_batch():
+    """Batches are numbered densely even when one component outgrows a batch (at 10^6
+    synthetic faces the gap left an empty batch and the job failed)."""
+    a, b = [], []
+    for start, n in ((0, 3), (3, 12), (15, 3)):  # three chains: 3, 12 and 3 faces
+        a += list(range(start, start + n - 1))
+        b += list(range(start + 1, start + n))
+    labels = people.cluster_graph(18, np.array(a), np.array(b), np.ones(len(a)), batch_nodes=5)
+    assert len(labels) == 18 and labels.min() == 0
+    assert len(set(labels[:3])) == 1 and len(set(labels[15:])) == 1   # small chains stay whole
+    assert not set(labels[:3]) & set(labels[3:15]) and not set(labels[15:]) & set(labels[3:15])
