@@ -24,7 +24,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m pip install -q --no-deps face_recognition==1.3.0  # the peer we compare against
-	for b in embed_speed lfw_pairs detect_accuracy crop_speed score_speed scaling train_speed serve_load serve_lookup; do \
+	for b in embed_speed lfw_pairs detect_accuracy crop_speed precision attributes attribute_heads score_speed scaling train_speed people video_speed serve_load serve_lookup; do \
 	  test -f benchmarks/$$b.py && $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:

