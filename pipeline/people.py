@@ -48,6 +48,12 @@ SAME_COS = (0.9492, 0.0201)    # mean, std of same-person cosine, LFW pairs/ (60
 DIFF_COS = (0.8330, 0.0371)    # different people (600 pairs)
 EDGE_ODDS = 100.0              # an edge needs "same" 100× likelier than "different"
 K = 30                         # neighbours per face in the graph
+# Faces whose box is smaller than this (shorter side, photo pixels) are not linked to any
+# other: their embeddings are too unreliable.  Without it, tiny, blurred and half-cut faces
+# (crowd backgrounds, faces cut by a photo's border) fell together into large false people
+# at the top of the contact sheet (a 65-face one in the LFW set: median side 33 px,
+# det_score 0.79).  Each such face is a person of its own.
+MIN_LINK_PX = 40
 BACKBONE = "dlib_resnet_v1 (128-d, L2-normalised)"
 PEOPLE_SCHEMA = pa.schema([
     pa.field("image_uri", pa.string()),
@@ -278,6 +284,7 @@ class PeopleSummary:
     joined: int = 0          # --resume: new faces that joined an existing person
     new_people: int = 0      # --resume: people founded by new faces
     kept: int = 0            # --resume: faces already in the output
+    unlinked: int = 0        # faces under MIN_LINK_PX: each a person of its own
     threshold: float = THRESHOLD
     seconds: dict[str, float] = field(default_factory=dict)
     output: str = ""
@@ -285,7 +292,8 @@ class PeopleSummary:
     def lines(self) -> list[str]:
         out = [f"faces:         {self.faces}",
                f"people:        {self.people} ({self.people - self.singletons} with 2+ faces, "
-               f"{self.singletons} single faces; largest {self.largest})"]
+               f"{self.singletons} single faces, {self.unlinked} of them under {MIN_LINK_PX} px and never "
+               f"linked; largest {self.largest})"]
         if self.kept or self.joined or self.new_people:
             out.append(f"--resume:      {self.kept} faces kept their person, {self.joined} new faces joined "
                        f"existing people, {self.new_people} new people")
@@ -311,8 +319,9 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     summary = PeopleSummary(threshold=threshold, output=output_uri)
     t0 = time.monotonic()
     storage.check_writable(output_uri)
-    faces = read_faces(table_uri)
+    faces = read_faces(table_uri, with_bbox=True)
     summary.faces = len(faces)
+    linkable = np.ones(len(faces), bool) if faces.bbox is None else faces.bbox[:, 2:].min(1) >= MIN_LINK_PX
     previous = read_people(output_uri) if resume else None
     summary.seconds["reading"] = time.monotonic() - t0
     log(f"[reading] {len(faces)} faces from {table_uri}"
@@ -324,7 +333,7 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     if previous is not None and previous.num_rows:
         nums = _previous_numbers(faces, previous)
         summary.kept = int((nums > 0).sum())
-    todo = np.flatnonzero(nums == 0)
+    todo = np.flatnonzero((nums == 0) & linkable)
     if summary.kept and len(todo):
         t1 = time.monotonic()
         old = np.flatnonzero(nums > 0)
@@ -346,6 +355,11 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
         nums[todo] = ranked_ids(labels, start)[labels]
         summary.new_people = int(labels.max()) + 1 if summary.kept else 0
         summary.seconds["kNN+clustering"] = time.monotonic() - t1
+    small = np.flatnonzero((nums == 0) & ~linkable)   # each its own person, after the others
+    if len(small):
+        nums[small] = int(nums.max()) + 1 + np.arange(len(small))
+        summary.new_people += len(small) if summary.kept else 0
+    summary.unlinked = int((~linkable).sum())
 
     t1 = time.monotonic()
     uniq, lab = np.unique(nums, return_inverse=True)
@@ -360,7 +374,8 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     meta = {"source_table": table_uri, "backbone": BACKBONE, "threshold": threshold, "edge_odds": EDGE_ODDS,
             "same_cos": SAME_COS, "different_cos": DIFF_COS, "k": k, "faces": summary.faces,
             "people": summary.people, "people_2plus": summary.people - summary.singletons,
-            "single_faces": summary.singletons, "largest": summary.largest, "resumed": bool(previous is not None),
+            "single_faces": summary.singletons, "unlinked_small_faces": summary.unlinked, "min_link_px": MIN_LINK_PX,
+            "largest": summary.largest, "resumed": bool(previous is not None),
             "joined": summary.joined, "new_people": summary.new_people, "files": files,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_text(output_uri, "_people.json", json.dumps(meta, indent=2))
