@@ -86,7 +86,9 @@ def _demo(args: argparse.Namespace) -> int:
         fs = s3.filesystem()
         t = pads.dataset("faceray-demo/predictions", filesystem=fs, format="parquet").to_table()
         who = pads.dataset("faceray-demo/people", filesystem=fs, format="parquet").to_table()
-        rows = t.join(who, ["image_uri", "face_index"], join_type="left outer").sort_by("image_uri")
+        keep = [c for c in t.schema.names if c in ("image_uri", "face_index", "age", "gender", "emotion",
+                                                    "identity", "identity_score")]
+        rows = t.select(keep).join(who, ["image_uri", "face_index"], join_type="left outer").sort_by("image_uri")
         rows = rows.filter(pads.field("face_index").is_valid())
         names = [c for c in ("identity", "identity_score") if c in rows.schema.names]
         cols = ["image_uri", "face_index", "person", "person_size", "age", "gender", "emotion", *names]
