@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from pipeline import stopping, storage
 from pipeline.contract import UsageError
 from pipeline.knn import knn_graph
+from pipeline.table import embedding_matrix
 
 SAME_COS = (0.9492, 0.0201)    # mean, std of same-person cosine, LFW pairs/ (600), this backbone
 DIFF_COS = (0.8330, 0.0371)    # different people (600 pairs)
@@ -104,25 +105,11 @@ class Faces:
 
 
 def parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The table's Parquet files (side files ``_*``/``.*`` are not part of it)."""
-    fs, path = storage.resolve(uri)
+    """The table's Parquet files (``storage.table_files``), misuse as a ``PeopleError``."""
     try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return fs, [path]
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise PeopleError(f"cannot read {uri}: {exc}") from exc
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                   and not i.base_name.startswith(("_", ".")))
-    return fs, files
-
-
-def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """fixed_size_list<float32>[128] (no nulls) → float32 N×128 without a Python loop."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.reshape(len(arr), -1), dtype=np.float32)
+        return storage.table_files(uri)
+    except storage.StorageError as exc:
+        raise PeopleError(str(exc)) from exc
 
 
 def read_faces(table_uri: str, with_bbox: bool = False) -> Faces:

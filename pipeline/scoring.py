@@ -60,13 +60,7 @@ def existing_uris(output: str) -> tuple[set[str], pa.Schema | None]:
 def existing_rows(output: str) -> tuple[pa.Table | None, pa.Schema | None]:
     """``image_uri`` (and videos' ``timestamp_s``) of the rows already in an output table
     (for --resume), and that table's schema."""
-    fs, path = storage.resolve(output)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise storage.StorageError(f"cannot read output {output}: {exc}") from exc
-    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-             and not storage.is_hidden(i.path)]  # not _side files nor .inprogress ones
+    fs, files = storage.table_files(output)  # not _side files nor .inprogress ones
     if not files:
         return None, None
     ds = pads.dataset(files, filesystem=fs, format="parquet")

@@ -128,6 +128,22 @@ def is_hidden(path: str) -> bool:
     return os.path.basename(path.rstrip("/")).startswith(("_", "."))
 
 
+def table_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files of a table (a folder/prefix, or one file), sorted; side and
+    in-progress files are skipped, a missing table has none.  What every reader of a
+    prediction or people table lists, so they all agree on what the table is."""
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return fs, [path]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                      and not is_hidden(i.path))
+
+
 def put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a whole file so that a reader sees all of it or nothing: locally under a
     hidden ``.<name>.inprogress`` name renamed into place; on S3 in one upload (an object

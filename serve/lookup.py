@@ -23,7 +23,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from pipeline import storage
 
@@ -66,16 +65,15 @@ class PredictionIndex:
 
     @classmethod
     def load(cls, uri: str, embeddings: bool = False) -> "PredictionIndex":
-        """Read every ``*.parquet`` under ``uri``; fails loudly when there is none."""
+        """Read the table's Parquet files (``storage.table_files``: side files ``_*`` and
+        in-progress ones are not the table); fails loudly when there is none."""
         started = time.monotonic()
-        fs, path = storage.resolve(uri)
         try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        except (FileNotFoundError, OSError) as exc:
+            fs, files = storage.table_files(uri)
+        except storage.StorageError as exc:
             raise FileNotFoundError(f"prediction table not found at {uri}: {exc}") from None
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
         if not files:
-            raise FileNotFoundError(f"prediction table at {uri} has no .parquet files")
+            raise FileNotFoundError(f"prediction table not found at {uri} (no .parquet files there)")
         ds = pads.dataset(files, filesystem=fs, format="parquet")
         columns = [c for c in ds.schema.names if embeddings or c != "embedding"]
         index = cls(ds.to_table(columns=columns), uri)

@@ -25,7 +25,8 @@ import pyarrow.dataset as pads
 
 from pipeline import storage
 from pipeline.contract import UsageError
-from pipeline.people import PeopleError, embedding_matrix, parquet_files
+from pipeline.people import PeopleError, parquet_files
+from pipeline.table import embedding_matrix
 from pipeline.training.split import Encoded
 
 MAX_STRANGERS = 50_000      # stranger faces kept per part (val, test): a seeded sample beyond
