@@ -10,7 +10,8 @@ report.html) to --output.
 Photos go through the scoring job's crop and embed stages; each photo contributes its
 main face, photos without a face are counted and reported.  Embeddings are cached
 (--cache) so a retrain with other settings does not re-embed.  Fine-tuning the backbone
-(--finetune) is not implemented: the heads are trained on frozen embeddings.
+(--finetune last|all, DESIGN.md) is not implemented yet: the heads are trained on frozen
+features (--finetune none, the default).
 
 --layout people: --data is a cluster_faces.py output and --names a CSV (person,name);
 every face of a named person trains the identity task under that name, with the
@@ -91,13 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from a checkpoint")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <output>/checkpoints after success")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
-    p.add_argument("--finetune", action="store_true", help="not implemented (heads on frozen embeddings)")
+    p.add_argument("--finetune", choices=("none", "last", "all"), default="none",
+                   help="train the backbone too (DESIGN.md); only none (heads on frozen features) works yet")
     add_ray_flags(p)
     args = p.parse_args(argv)
     if args.val_frac + args.test_frac >= 0.8:
         p.error("--val-frac + --test-frac must leave most photos for training")
-    if args.finetune:
-        p.error("--finetune is not implemented: heads are trained on frozen embeddings")
+    if args.finetune != "none":
+        p.error(f"--finetune {args.finetune} is not implemented yet: heads are trained on frozen features "
+                "(--finetune none)")
     return args
 
 
