@@ -9,9 +9,9 @@ report.html) to --output.
 
 Photos go through the scoring job's crop and embed stages; each photo contributes its
 main face, photos without a face are counted and reported.  Embeddings are cached
-(--cache) so a retrain with other settings does not re-embed.  Fine-tuning the backbone
-(--finetune last|all, DESIGN.md) is not implemented yet: the heads are trained on frozen
-features (--finetune none, the default).
+(--cache) so a retrain with other settings does not re-embed.  --finetune last|all then
+trains the identity backbone with the heads the frozen fit chose, on the cached face
+chips (pipeline/training/finetune.py); the bundle carries the tuned backbone.
 
 --layout people: --data is a cluster_faces.py output and --names a CSV (person,name);
 every face of a named person trains the identity task under that name, with the
@@ -93,14 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <output>/checkpoints after success")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--finetune", choices=("none", "last", "all"), default="none",
-                   help="train the backbone too (DESIGN.md); only none (heads on frozen features) works yet")
+                   help="train the identity backbone with the heads after a frozen-feature fit (DESIGN.md): "
+                        "last = its last stage, all = all of it; none (default) = heads on frozen features")
+    p.add_argument("--finetune-epochs", type=positive_int, default=10, help="maximum fine-tuning epochs (default 10)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4,
+                   help="the backbone's learning rate when fine-tuning (heads: 10×; default 1e-4)")
     add_ray_flags(p)
     args = p.parse_args(argv)
     if args.val_frac + args.test_frac >= 0.8:
         p.error("--val-frac + --test-frac must leave most photos for training")
-    if args.finetune != "none":
-        p.error(f"--finetune {args.finetune} is not implemented yet: heads are trained on frozen features "
-                "(--finetune none)")
     return args
 
 
@@ -119,7 +120,10 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.training.people import check_flags
     from pipeline.training.run import train
 
+    from pipeline.training import finetune
+
     check_flags(args.layout, args.names)   # before starting Ray: misuse answers at once
+    finetune.check_flags(args.finetune, args.layout, args.features)
     settings = Settings()
     open_set = None
     if args.open_set:
@@ -130,7 +134,8 @@ def _train(args: argparse.Namespace) -> int:
                       task_weights=args.task_weights, open_set=open_set,
                       target_frr=args.target_frr if args.target_frr is not None
                       else PEOPLE_TARGET_FRR if args.layout == "people" else TrainConfig.target_frr,
-                      max_failures=args.max_failures)
+                      max_failures=args.max_failures, finetune=args.finetune,
+                      finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
     cache = args.cache or str(Path(settings.cache_dir) / "embeddings")
     from pipeline import progress
 

@@ -48,6 +48,7 @@ BLOCKS: tuple[tuple[int, bool], ...] = (
     (256, True),
 )
 STEM_CHANNELS = 32
+LAST_STAGE = 10   # the first block at the last width (256 channels): ``--finetune last`` trains from it on
 
 _PLAIN = ["tag", "con", "affine", "relu", "con", "affine", "add_prev", "relu"]
 _DOWN = ["tag", "con", "affine", "relu", "con", "affine", "tag", "tag", "avg_pool", "add_prev", "relu"]
@@ -104,9 +105,18 @@ class DlibResNet(nn.Module):
         self.fc = nn.Linear(c, DLIB_RESNET.embedding_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.trunk(x, len(self.blocks)), len(self.blocks))
+
+    def trunk(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The stem and the first ``blocks`` residual blocks: the part fine-tuning may
+        keep frozen (and run without gradients)."""
         x = (x - self.mean) / 256.0
         x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
-        x = self.blocks(x)
+        return self.blocks[:blocks](x)
+
+    def tail(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The residual blocks from ``blocks`` on, the pooling and the projection."""
+        x = self.blocks[blocks:](x)
         return self.fc(x.mean(dim=(2, 3)))
 
 
@@ -177,8 +187,11 @@ def default_weights_path() -> Path:
     return path
 
 
-def read_weights_bytes(weights: str | os.PathLike | None) -> tuple[bytes, str]:
-    """(bytes, name) of the weights: a local path, ``s3://`` URI, or the package's file."""
+def read_weights_bytes(weights: str | os.PathLike | bytes | None) -> tuple[bytes, str]:
+    """(bytes, name) of the weights: a local path, ``s3://`` URI, the bytes themselves (a
+    fine-tuned bundle's), or the package's file."""
+    if isinstance(weights, bytes):
+        return weights, "fine-tuned weights"
     if weights is None:
         path = default_weights_path()
         return path.read_bytes(), str(path)
@@ -194,7 +207,7 @@ def read_weights_bytes(weights: str | os.PathLike | None) -> tuple[bytes, str]:
         raise WeightsError(f"{uri}: cannot read weights: {type(exc).__name__}: {exc}") from exc
 
 
-def load_backbone(weights: str | os.PathLike | None = None) -> tuple[DlibResNet, str]:
+def load_backbone(weights: str | os.PathLike | bytes | None = None) -> tuple[DlibResNet, str]:
     """(eval-mode module, sha256 of the weights bytes).
 
     ``weights`` is a dlib ``.dat`` or a ``.pt`` state dict written by ``save_backbone``

@@ -33,6 +33,15 @@ def _ray_cpus() -> int | None:
     return max(1, round(cpus)) if cpus else None
 
 
+def net_input(chips: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 N×S×S×3 chips (on their device) → float N×3×size×size channels_last, the
+    network's input; shared by inference and fine-tuning so both see the same pixels."""
+    # N×H×W×C uint8 viewed as NCHW is already channels_last in memory: no copy.
+    x = chips.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class Embedder:
     """``Embedder()(chips)``: uint8 N×128×128×3 RGB (aligned with ``spec.geometry``) →
     float32 N×128, L2-normalised.  One instance per process; not thread-safe.
@@ -42,7 +51,7 @@ class Embedder:
 
     spec: BackboneSpec = DLIB_RESNET
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+    def __init__(self, weights: str | os.PathLike | bytes | None = None, device: str | torch.device | None = None,
                  flip_tta: bool = False, batch_size: int = 32, threads: int | None = None,
                  precision: str = "fp32") -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -78,10 +87,7 @@ class Embedder:
         x = torch.from_numpy(np.ascontiguousarray(chips))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        # N×H×W×C uint8 viewed as NCHW is already channels_last in memory: no copy.
-        x = x.permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(self.net_input, self.net_input), mode="bilinear", align_corners=False)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = net_input(x, self.net_input)
         emb = self._forward(x)
         if self.flip_tta:
             emb = F.normalize(emb + self._forward(x.flip(3)), dim=1)

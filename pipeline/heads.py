@@ -348,10 +348,13 @@ def content_hash(meta: dict[str, Any], weights: bytes) -> str:
 class ModelBundle:
     """model.json + heads.pt: everything the scoring job and the endpoint need to label faces."""
 
-    def __init__(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
+    def __init__(self, meta: dict[str, Any], state: dict[str, Any], backbone: bytes | None = None) -> None:
         import torch
 
         self.meta = meta
+        #: a fine-tuned identity backbone (``backbone.pt``) the heads read instead of the base one
+        self.tuned_backbone = backbone
+        self._tuned: Any = None
         self.specs = [TaskSpec.from_json(t) for t in meta["tasks"]]
         self.tasks: list[tuple[str, str]] = [(s.name, s.kind) for s in self.specs]
         self.model_version: str = meta["model_version"]
@@ -370,10 +373,10 @@ class ModelBundle:
 
     @classmethod
     def in_memory(cls, specs: list[TaskSpec], heads_state: dict[str, Any],
-                  centroids: dict[str, np.ndarray]) -> "ModelBundle":
+                  centroids: dict[str, np.ndarray], backbone: bytes | None = None) -> "ModelBundle":
         """A bundle not yet written (training calibrates and evaluates with it)."""
         return cls({"tasks": [s.to_json() for s in specs], "model_version": "in-memory"},
-                   bundle_state(heads_state, centroids))
+                   bundle_state(heads_state, centroids), backbone)
 
     # -- io
     @classmethod
@@ -406,16 +409,34 @@ class ModelBundle:
         if content_hash(meta, weights) != meta.get("model_version"):
             raise ModelFileError(f"model {uri}: heads.pt or model.json changed since the bundle was "
                              "written (content hash mismatch)")
+        backbone = cls._read_backbone(fs, path, uri, meta.get("finetune"))
         try:
             state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-            return cls(meta, state)
+            return cls(meta, state, backbone)
         except Exception as exc:  # a truncated or foreign state dict is a bad bundle
             raise ModelFileError(f"model {uri}: cannot rebuild the heads: {str(exc).splitlines()[0]}") from None
 
     @staticmethod
+    def _read_backbone(fs: Any, path: str, uri: str, finetune: dict[str, Any] | None) -> bytes | None:
+        """A fine-tuned bundle's backbone bytes, checked against the hash model.json holds
+        (which is part of ``model_version``)."""
+        if not finetune:
+            return None
+        try:
+            with fs.open_input_stream(f"{path}/{finetune['file']}") as f:
+                data = f.read()
+        except (FileNotFoundError, OSError, KeyError) as exc:
+            raise ModelFileError(f"model {uri}: fine-tuned backbone missing ({exc})") from None
+        if hashlib.sha256(data).hexdigest() != finetune.get("weights_sha256"):
+            raise ModelFileError(f"model {uri}: {finetune['file']} changed since the bundle was written "
+                                 "(sha256 mismatch)")
+        return data
+
+    @staticmethod
     def write(uri: str, specs: list[TaskSpec], heads_state: dict[str, Any],
-              centroids: dict[str, np.ndarray], extra: dict[str, Any]) -> dict[str, Any]:
-        """Write heads.pt and model.json (last, so a half-written bundle never loads)."""
+              centroids: dict[str, np.ndarray], extra: dict[str, Any], backbone: bytes | None = None) -> dict[str, Any]:
+        """Write heads.pt (and a fine-tuned ``backbone.pt``), then model.json (last, so a
+        half-written bundle never loads)."""
         import torch
 
         from pipeline import storage
@@ -426,9 +447,15 @@ class ModelBundle:
         # version 1 while every head reads the identity embedding: older builds still load it
         version = FORMAT_VERSION if any(s.features != IDENTITY for s in specs) else 1
         meta = {"format_version": version, **extra, "tasks": [s.to_json() for s in specs]}
+        if backbone is not None:  # its hash is in model.json, so in model_version
+            meta["finetune"] = {**meta.get("finetune", {}), "file": "backbone.pt",
+                                "weights_sha256": hashlib.sha256(backbone).hexdigest()}
         meta["model_version"] = content_hash(meta, weights)
         fs, path = storage.resolve(uri)
         fs.create_dir(path, recursive=True)
+        if backbone is not None:
+            with fs.open_output_stream(f"{path}/backbone.pt") as f:
+                f.write(backbone)
         with fs.open_output_stream(f"{path}/heads.pt") as f:
             f.write(weights)
         with fs.open_output_stream(f"{path}/model.json") as f:
@@ -436,6 +463,17 @@ class ModelBundle:
         return meta
 
     # -- inference
+    def head_embeddings(self, chips: np.ndarray, embeddings: np.ndarray, precision: str = "fp32") -> np.ndarray:
+        """The identity embeddings the heads read: the base ones given, or for a fine-tuned
+        bundle its own backbone's on the same chips (loaded once, on first use)."""
+        if self.tuned_backbone is None:
+            return embeddings
+        if self._tuned is None:
+            from pipeline.embed import Embedder
+
+            self._tuned = Embedder(self.tuned_backbone, precision=precision)
+        return self._tuned(chips) if len(chips) else np.asarray(embeddings, np.float32)
+
     def inputs(self, embeddings: np.ndarray, features: dict[str, np.ndarray] | None = None
                ) -> dict[str, np.ndarray]:
         """Each head's input by feature set; a clear error for features the bundle needs

@@ -47,6 +47,7 @@ class FaceModels:
 
         self.embedder = Embedder(settings.weights, flip_tta=flip_tta, batch_size=device_batch,
                                  precision=settings.precision)
+        self.precision = settings.precision   # a fine-tuned bundle's backbone runs at the same
         self.bundle = None
         if model_uri:
             from pipeline.heads import ModelBundle
@@ -85,7 +86,7 @@ class FaceModels:
         emb = self.embedder(chips)
         preds, feats = self.attribute_pass(chips)
         if self.bundle is not None:
-            preds.update(self.bundle.predict(emb, photo_ids, feats))
+            preds.update(self.bundle.predict(self.bundle.head_embeddings(chips, emb, self.precision), photo_ids, feats))
         return emb, preds, feats
 
     def __call__(self, chips: np.ndarray, photo_ids: np.ndarray) -> tuple[np.ndarray, Predictions]:

@@ -87,7 +87,7 @@ class EmbedStage:
 
     def __init__(self, settings: Settings, model_uri: str | None = None, device_batch: int = 32,
                  flip_tta: bool = False, main_only: bool = False, progress=None,
-                 features: tuple[str, ...] = ()) -> None:
+                 features: tuple[str, ...] = (), chips: bool = False) -> None:
         from pipeline.predict import FaceModels
 
         # training embeds main faces only: no built-in attributes, no bundle; the attribute
@@ -96,6 +96,7 @@ class EmbedStage:
                                  attributes=False if main_only else None, features=main_only and bool(features))
         self.main_only = main_only
         self.features = tuple(features)
+        self.chips = chips  # main_only: keep the main chip too (fine-tuning trains on it)
         self.progress = progress  # a progress.ProgressBoard handle: finished batches are reported to it
 
     def __call__(self, photos: pa.Table) -> pa.Table:
@@ -107,12 +108,14 @@ class EmbedStage:
         chips = table.photo_chips(photos, self.models.embedder.spec.geometry.size, self.main_only)
         if self.main_only:
             feats = self.models.attribute_pass(chips)[1] if self.features else {}
-            return table.main_face_rows(photos, self.models.embedder(chips), {k: feats[k] for k in self.features})
+            return table.main_face_rows(photos, self.models.embedder(chips), {k: feats[k] for k in self.features},
+                                        chips if self.chips else None)
         counts = photos.column("face_count").to_numpy(zero_copy_only=False)
-        emb, preds = self.models(chips, np.repeat(np.arange(len(counts)), counts))
-        from pipeline.video import assign_tracks
+        emb, preds, feats = self.models.run(chips, np.repeat(np.arange(len(counts)), counts))
+        from pipeline.video import assign_tracks, decide_tracks
 
         tracks = assign_tracks(photos, emb)  # videos: after the embeddings exist; None without videos
+        preds = decide_tracks(photos, emb, tracks, self.models.bundle, preds, feats)  # identities per track
         return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version, tracks)
 
 
@@ -122,9 +125,9 @@ class FaceStage:
 
     def __init__(self, filesystem: pafs.FileSystem, settings: Settings, model_uri: str | None = None,
                  device_batch: int = 32, flip_tta: bool = False, main_only: bool = False, progress=None,
-                 features: tuple[str, ...] = ()) -> None:
+                 features: tuple[str, ...] = (), chips: bool = False) -> None:
         self.crop = CropStage(filesystem, settings)
-        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only, progress, features)
+        self.embed = EmbedStage(settings, model_uri, device_batch, flip_tta, main_only, progress, features, chips)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.embed(self.crop(batch))
@@ -132,13 +135,13 @@ class FaceStage:
 
 def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: Plan,
                  model_uri: str | None = None, flip_tta: bool = False, main_only: bool = False,
-                 progress=None, features: tuple[str, ...] = ()):
+                 progress=None, features: tuple[str, ...] = (), chips: bool = False):
     """The Ray Data plan scoring and training share: manifest → crop actors → embed actors
     (or one fused pool without GPUs), as a dataset of prediction-table rows (or, with
     ``main_only``, of ``table.MAIN_FACE_SCHEMA`` rows).  ``progress``: a
     ``progress.ProgressBoard`` handle the embed stage reports each finished batch to.
     ``features`` (with ``main_only``): attribute feature sets added as ``features_<name>``
-    columns (``table.main_face_schema``)."""
+    columns (``table.main_face_schema``), and with ``chips`` the main chip (``chip``)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -153,7 +156,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
         return ds.map_batches(
             FaceStage, fn_constructor_args=(fs, settings, model_uri, plan.device_batch, flip_tta, main_only, progress,
-                                 tuple(features)),
+                                 tuple(features), chips),
             batch_size=plan.crop_batch, batch_format="pyarrow", num_cpus=plan.crop_cpus,
             compute=ActorPoolStrategy(size=plan.crop_actors))
     ds = ds.map_batches(
@@ -162,7 +165,7 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
         compute=ActorPoolStrategy(min_size=1, max_size=plan.crop_actors))
     return ds.map_batches(
         EmbedStage, fn_constructor_args=(settings, model_uri, plan.device_batch, flip_tta, main_only, progress,
-                                         tuple(features)),
+                                         tuple(features), chips),
         # with videos, whole crop outputs: a segment's frames stay in one call, so tracks can join them
         batch_size=None if video else plan.embed_batch, batch_format="pyarrow", num_cpus=plan.embed_cpus,
         num_gpus=plan.embed_gpus or None,

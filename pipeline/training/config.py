@@ -27,3 +27,7 @@ class TrainConfig:
     max_failures: int = 2
     flip_tta: bool = False
     shuffle_buffer: int = 1024
+    finetune: str = "none"              # none | last (the backbone's last stage) | all (pipeline/training/finetune.py)
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-4           # the backbone's rate; heads learn at HEAD_LR_FACTOR × this
+    finetune_batch_size: int = 32

@@ -247,10 +247,7 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
     """One Ray Train run; returns the best state per task@variant, the history, last metrics."""
     import ray
     from ray.data.extensions import ArrowTensorArray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    res = check_cluster(cfg)
     variants = task_variants(specs, cfg.head, cfg.features)
     used = {split_variant(v)[1] for vs in variants.values() for v in vs} - {IDENTITY}
     missing = sorted(used - set(train.features))
@@ -268,16 +265,31 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
               "patience": cfg.patience, "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
               "val": {"x": val.x, **{f"f_{k}": val.features[k] for k in feats},
                       **{f"y_{k}": v for k, v in val.y.items()}}}
-    cpu_per_worker = 1.0 if cfg.use_gpu else min(1.0, float(res.get("CPU", 1)) / cfg.workers)
-    fs, path = storage.resolve(storage_uri)
-    run_name = _run_name(config, train, val)  # the same job again continues this run's checkpoints
-    if fs.get_file_info(f"{path}/{run_name}").type != pafs.FileType.NotFound:
-        log(f"continuing the interrupted fit from its last checkpoint in {storage_uri.rstrip('/')}/{run_name}")
+    shown = sorted({v for vs in variants.values() for v in vs}, key=lambda v: (split_variant(v)[1] != IDENTITY, v))
+    st, last = run_trainer(train_loop, config, ds, cfg, cfg.epochs, storage_uri, _run_name(config, train, val),
+                           f"heads {shown}, {len(train.x)} train / {len(val.x)} val faces", "fit", log)
+    return st["best"], st["history"], last
+
+
+def run_trainer(loop: Callable[[dict], None], config: dict[str, Any], ds: Any, cfg: TrainConfig, epochs: int,
+                storage_uri: str, run_name: str, what: str, stage: str,
+                log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """One Ray Train run of ``loop`` (frozen-feature fit or fine-tuning): workers sized from
+    the cluster, checkpoints under ``storage_uri/run_name`` (the same job again continues
+    them), a line per epoch; returns the last checkpoint's state and the last metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     from pipeline import progress
 
-    config["progress"] = board = progress.create_board("train-fit", run_name, cfg.epochs)  # epochs → driver
+    res = check_cluster(cfg)
+    cpu_per_worker = 1.0 if cfg.use_gpu else min(1.0, float(res.get("CPU", 1)) / cfg.workers)
+    fs, path = storage.resolve(storage_uri)
+    if fs.get_file_info(f"{path}/{run_name}").type != pafs.FileType.NotFound:
+        log(f"continuing the interrupted {stage} from its last checkpoint in {storage_uri.rstrip('/')}/{run_name}")
+    config["progress"] = board = progress.create_board(f"train-{stage}", run_name, epochs)  # epochs → driver
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
+        loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
@@ -287,14 +299,13 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
     # a stop is the job's (pipeline/stopping.py); Train's own SIGINT handler only asks the run
     # to abort, and fit() then returns as if it had finished
     trainer._register_sigint_handler = lambda controller: None
-    shown = sorted({v for vs in variants.values() for v in vs}, key=lambda v: (split_variant(v)[1] != IDENTITY, v))
-    log(f"Ray Train: {cfg.workers} worker(s), heads {shown}, {len(train.x)} train / {len(val.x)} val faces, "
+    log(f"Ray Train ({stage}): {cfg.workers} worker(s){' on GPUs' if cfg.use_gpu else ''}, {what}, "
         f"checkpoints under {storage_uri.rstrip('/')}/{run_name}")
-    with progress.watch("train-fit", run_name, "fit", cfg.epochs, log=log, on_event=progress.epoch_line,
+    with progress.watch(f"train-{stage}", run_name, stage, epochs, log=log, on_event=progress.epoch_line,
                         counts=False, board=board):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
-    return st["best"], st["history"], dict(result.metrics or {}) | {"run_name": run_name, "run_path": f"{path}/{run_name}"}
+    return st, dict(result.metrics or {}) | {"run_name": run_name, "run_path": f"{path}/{run_name}"}

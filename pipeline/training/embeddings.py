@@ -25,10 +25,11 @@ from pipeline.settings import Settings
 CACHE_SCHEMA = pa.schema([*table.MAIN_FACE_SCHEMA, pa.field("size", pa.int64())])
 
 
-def cache_schema(features: tuple[str, ...] = ()) -> pa.Schema:
+def cache_schema(features: tuple[str, ...] = (), chips: bool = False) -> pa.Schema:
     from pipeline.attributes import FEATURE_DIMS
 
-    return pa.schema([*table.main_face_schema({f: FEATURE_DIMS[f] for f in features}), pa.field("size", pa.int64())])
+    return pa.schema([*table.main_face_schema({f: FEATURE_DIMS[f] for f in features}, chips),
+                      pa.field("size", pa.int64())])
 
 
 def backbone_info(settings: Settings) -> dict[str, Any]:
@@ -52,7 +53,8 @@ def embedding_precision(settings: Settings) -> str:
     return choose(settings.precision, "cuda" if gpu else "cpu").name
 
 
-def cache_key(data_uri: str, settings: Settings, flip_tta: bool, features: tuple[str, ...] = ()) -> str:
+def cache_key(data_uri: str, settings: Settings, flip_tta: bool, features: tuple[str, ...] = (),
+              chips: bool = False) -> str:
     detector = {"det_max_side": settings.det_max_side, "det_score": settings.det_score,
                 "det_score_large": settings.det_score_large, "min_face": settings.min_face,
                 "model": settings.detector_model}
@@ -65,12 +67,14 @@ def cache_key(data_uri: str, settings: Settings, flip_tta: bool, features: tuple
         from pipeline.attributes import MODEL_FILES
 
         key["attribute_features"] = {"sets": sorted(features), "models": dict(sorted(MODEL_FILES.items()))}
+    if chips:  # fine-tuning's cache also holds the chips (~48 KiB a photo): its own file
+        key["chips"] = True
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: bool = False,
-               log: Callable[[str], None] = print, features: tuple[str, ...] = ()) -> pa.Table:
+               log: Callable[[str], None] = print, features: tuple[str, ...] = (), chips: bool = False) -> pa.Table:
     """The scoring job's stages on Ray Data, main faces only: ``table.main_face_schema`` rows."""
     import ray
 
@@ -82,13 +86,13 @@ def run_stages(manifest: pa.Table, data_uri: str, settings: Settings, flip_tta: 
     log(f"embedding {manifest.num_rows} photos: {plan.describe()}")
     with progress.watch("train-embed", progress.new_run_id(), "embedding", manifest.num_rows, log=log) as w:
         ds = face_dataset(manifest, data_uri, settings, plan, flip_tta=flip_tta, main_only=True, progress=w.board,
-                          features=features)
+                          features=features, chips=chips)
         parts = [p for p in ray.get(ds.to_arrow_refs()) if p.num_rows]
     if parts:
         return pa.concat_tables(parts)
     from pipeline.attributes import FEATURE_DIMS
 
-    return table.main_face_schema({f: FEATURE_DIMS[f] for f in features}).empty_table()
+    return table.main_face_schema({f: FEATURE_DIMS[f] for f in features}, chips).empty_table()
 
 
 def _read_cache(cache_file: str, fs, schema: pa.Schema) -> pa.Table | None:
@@ -102,12 +106,12 @@ def _read_cache(cache_file: str, fs, schema: pa.Schema) -> pa.Table | None:
 
 def embed_labelled(manifest: pa.Table, data_uri: str, settings: Settings, cache_uri: str | None,
                    flip_tta: bool = False, log: Callable[[str], None] = print,
-                   features: tuple[str, ...] = ()) -> tuple[pa.Table, dict]:
-    """Main-face embeddings (and the ``features_<name>`` columns of ``features``) for every
-    photo of ``manifest`` (manifest order), via the cache."""
+                   features: tuple[str, ...] = (), chips: bool = False) -> tuple[pa.Table, dict]:
+    """Main-face embeddings (and the ``features_<name>`` columns of ``features``, and with
+    ``chips`` the main chip) for every photo of ``manifest`` (manifest order), via the cache."""
     features = tuple(sorted(set(features)))
-    schema = cache_schema(features)
-    key = cache_key(data_uri, settings, flip_tta, features)
+    schema = cache_schema(features, chips)
+    key = cache_key(data_uri, settings, flip_tta, features, chips)
     cached, cache_file, fs = None, None, None
     if cache_uri:
         fs, cpath = storage.resolve(cache_uri)
@@ -124,7 +128,7 @@ def embed_labelled(manifest: pa.Table, data_uri: str, settings: Settings, cache_
             "embedded": todo.num_rows, "from_cache": want.num_rows - todo.num_rows}
     if todo.num_rows:
         t0 = time.monotonic()
-        new = run_stages(todo, data_uri, settings, flip_tta, log, features)
+        new = run_stages(todo, data_uri, settings, flip_tta, log, features, chips)
         sizes = dict(zip(todo.column("image_uri").to_pylist(), todo.column("size").to_pylist()))
         new = new.append_column("size", pa.array([sizes[u] for u in new.column("image_uri").to_pylist()],
                                                  pa.int64())).cast(schema)

@@ -49,6 +49,7 @@ class Examples:
     data: dict[str, Any] = field(default_factory=dict)   # model.json "data" beyond uri/layout
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json entries of the source
     features: dict[str, np.ndarray] = field(default_factory=dict)  # attribute features (N×d) by name
+    chips: np.ndarray | None = None        # N×S×S×3 main chips (fine-tuning)
 
 
 def wanted_features(tasks: list[tuple[str, str]], cfg: TrainConfig) -> tuple[str, ...]:
@@ -69,12 +70,14 @@ def _from_photos(data_uri: str, layout: str, task: str | None, settings: Setting
     """Labelled photos: the scoring stages' main face per photo, embedded (cached), with
     the attribute features some head could read."""
     from pipeline.datasets import read_labelled
+    from pipeline.geometry import DLIB_CHIP
     from pipeline.training.evaluation import feature_columns
 
     ls = read_labelled(data_uri, layout, task)
     log(f"{ls.table.num_rows} labelled photos in {data_uri} ({layout}), tasks {ls.tasks}")
     features = wanted_features(ls.tasks, cfg)
-    emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, cfg.flip_tta, log, features)
+    tune = cfg.finetune != "none"
+    emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, cfg.flip_tta, log, features, tune)
     status = emb.column("status").to_pylist()
     errors: dict[str, int] = {}
     for st in status:
@@ -85,7 +88,8 @@ def _from_photos(data_uri: str, layout: str, task: str | None, settings: Setting
     return Examples(ls.table.filter(usable), ls.tasks, table.embedding_matrix(rows.column("embedding")),
                     ls.table.num_rows, int(pc.sum(emb.column("face_count")).as_py() or 0), status.count(NO_FACE),
                     errors, ls.skipped, embed_info, data={"embedding_cache": embed_info.get("cache")},
-                    features=feature_columns(rows, features))
+                    features=feature_columns(rows, features),
+                    chips=table.chip_matrix(rows.column("chip"), DLIB_CHIP.size) if tune else None)
 
 
 def _from_people(people_uri: str, names_uri: str, task: str | None, seed: int,
@@ -116,12 +120,17 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
 
     ``layout`` people: ``data_uri`` is a cluster_faces.py output and ``names_uri`` its
     ``person,name`` CSV (nothing is embedded); any other layout is labelled photos."""
+    from pipeline.training import finetune
     from pipeline.training.people import check_flags
 
     cfg = cfg or TrainConfig()
     settings = settings or Settings()
     started = time.monotonic()
     check_flags(layout, names_uri)
+    finetune.check_flags(cfg.finetune, layout, cfg.features)
+    if cfg.finetune != "none" and cfg.features != "identity":
+        log(f"--finetune {cfg.finetune}: heads read the identity embedding the fine-tuning trains (--features identity)")
+        cfg = replace(cfg, features="identity")
     check_cluster(cfg)
     storage.check_writable(output_uri)
     if cfg.features != "identity":
@@ -137,7 +146,7 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     specs = make_specs(ex.tasks, labelled, cfg.hidden, cfg.open_set)
     split = stratified_split(strata_for(labelled, ex.tasks), cfg.val_frac, cfg.test_frac, cfg.seed)
     enc = Encoded(ex.x, encode(labelled, specs), split, labelled.column("image_uri").to_pylist(), ex.face_index,
-                  ex.features)
+                  ex.features, ex.chips)
     tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
     if len(va.x) == 0:
         raise UsageError(f"validation split is empty ({len(enc.x)} usable examples): raise --val-frac")
@@ -147,8 +156,16 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     best, history, last = fit(tr, va, specs, cfg, f"{output_uri.rstrip('/')}/checkpoints", log)
     fit_seconds = time.monotonic() - t_fit
     heads_state, chosen = select_heads(specs, best)
+    tuned, tuning = None, {}
+    if cfg.finetune != "none":
+        tuned, heads_state, tuning, enc = _fine_tune(enc, specs, best, chosen, heads_state, cfg, settings,
+                                                     output_uri, log)
+        tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
+        fit_seconds = time.monotonic() - t_fit
     s_val = ex.strangers.part("val") if ex.strangers is not None else None
     bundle, centroids, calib = calibrate(specs, heads_state, tr, va, cfg.target_frr, s_val)
+    if tuned is not None:  # what scoring will run: the heads on the tuned backbone's embeddings
+        bundle = ModelBundle.in_memory(specs, heads_state, centroids, tuned)
     test_metrics, results = evaluate(bundle, te if len(te.x) else va)
     evaluation = Evaluation(specs, results, {s.name: tr.y[s.name] for s in specs}, history)
     metrics: dict[str, Any] = {
@@ -159,7 +176,7 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
         "rows_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history])) if history else 0.0,
         "split": {"train": len(tr.x), "val": len(va.x), "test": len(te.x)},
         "photos": ex.photos, "faces": ex.faces, "no_face": ex.no_face, "errors": ex.errors,
-        "fit_seconds": round(fit_seconds, 1), **ex.metrics}
+        "fit_seconds": round(fit_seconds, 1), **ex.metrics, **({"finetune": tuning} if tuning else {})}
     if ex.strangers is not None:
         people = ex.metrics["people"]
         metrics["strangers"], evaluation.strangers = open_set_rates(
@@ -172,9 +189,10 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
              "backbone": {**backbone_info(settings), "precision": embedding_precision(settings)},
              "data": {"uri": data_uri, "layout": layout, **ex.data},
              "training": asdict(cfg),
+             **({"finetune": {"mode": cfg.finetune, "best_epoch": tuning["best_epoch"]}} if tuning else {}),
              "metrics": {"test": test_metrics, "open_set": calib, "heads": metrics["heads"],
                          **({"strangers": metrics["strangers"]} if "strangers" in metrics else {})}}
-    meta = ModelBundle.write(output_uri, specs, heads_state, centroids, extra)
+    meta = ModelBundle.write(output_uri, specs, heads_state, centroids, extra, backbone=tuned)
     metrics["model_version"] = meta["model_version"]
     fs, out_path = storage.resolve(output_uri)
     with fs.open_output_stream(f"{out_path}/metrics.json") as f:
@@ -192,6 +210,33 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
             pass
     log(f"done in {time.monotonic() - started:.1f} s")
     return outcome
+
+
+def _fine_tune(enc: Encoded, specs: list, best: dict, chosen: dict, heads_state: dict, cfg: TrainConfig,
+               settings: Settings, output_uri: str, log: Callable[[str], None]
+               ) -> tuple[bytes, dict, dict[str, Any], Encoded]:
+    """Step 2 of the recipe: the frozen fit's figures on test (kept for comparison), the
+    backbone tuned with the chosen heads, and every example embedded again by the tuned
+    backbone through ``Embedder`` (the network and pixels scoring will use), so the
+    calibration and the test figures are those of the bundle as it will run."""
+    from pipeline.embed import Embedder
+    from pipeline.training.finetune import finetune
+
+    tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
+    frozen, _, _ = calibrate(specs, heads_state, tr, va, cfg.target_frr)
+    frozen_test, _ = evaluate(frozen, te if len(te.x) else va)
+    init = {f"{s.name}@{chosen[s.name]['variant']}": best[f"{s.name}@{chosen[s.name]['variant']}"]["state"]
+            for s in specs}
+    t0 = time.monotonic()
+    backbone, heads, history, last = finetune(tr, va, specs, init, cfg, settings.weights,
+                                              f"{output_uri.rstrip('/')}/checkpoints", log)
+    seconds = time.monotonic() - t0
+    x = Embedder(backbone, precision=settings.precision)(enc.chips)
+    info = {"mode": cfg.finetune, "epochs_run": len(history), "best_epoch": last["best_epoch"],
+            "seconds": round(seconds, 1), "frozen_test": frozen_test, "history": history,
+            "chips_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history]))}
+    log(f"fine-tuned ({cfg.finetune}) in {seconds:.1f} s, best epoch {last['best_epoch'] + 1} of {len(history)}")
+    return backbone, heads, info, replace(enc, x=x)
 
 
 def _json_default(o: Any) -> Any:

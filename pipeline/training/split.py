@@ -59,13 +59,15 @@ class Encoded:
     uris: list[str]
     faces: np.ndarray | None = None
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    chips: np.ndarray | None = None     # N×S×S×3 uint8 main chips (fine-tuning only)
 
     def part(self, name: str) -> "Encoded":
         m = self.split == name
         return Encoded(self.x[m], {k: v[m] for k, v in self.y.items()}, self.split[m],
                        [u for u, keep in zip(self.uris, m) if keep],
                        self.faces[m] if self.faces is not None else None,
-                       {k: v[m] for k, v in self.features.items()})
+                       {k: v[m] for k, v in self.features.items()},
+                       self.chips[m] if self.chips is not None else None)
 
 
 def parse_features(text: str) -> tuple[str, ...]:
