@@ -1,31 +1,45 @@
 """Training metrics and the bundle's ``report.html`` (one self-contained page, PNG plots
 embedded as base64 so the report can be copied or served from S3 as one object).
 
-Per classification task: confusion matrix, per-class precision/recall/F1, class
-distribution true vs predicted, open-set rejection, and the most confident mistakes as
-face thumbnails.  Per regression task: predicted vs true and the error histogram.  The
-thumbnails are the chips of the few faces concerned, cut again from their photos by the
-shared CPU stage (``pipeline.photos.analyse_photo``), so the report needs no stored chips:
-the photo's main face, or the face the result names by index (people layout, where an
-example is any face of a photo).
+What a data scientist needs to judge the model, per task: the test figure with its 95 %
+interval (Wilson for accuracies, a seeded bootstrap for MAE: test sets are 20-300 faces)
+next to baselines (chance and majority class; predicting the training mean), the
+validation figures and why this head was chosen, learning curves (train / validation, the
+chosen epoch marked).  Per classification task: confusion matrix (with an ``unknown``
+column for open-set tasks, and a strangers row when there are strangers), per-class
+precision/recall/F1, class distribution true vs predicted, and the most confident mistakes
+as face thumbnails.  Per open-set task: the distance the open-set rule thresholds, for
+known faces vs strangers, with the threshold drawn, its ROC curve, and the counts of known
+faces rejected and strangers accepted.  Per regression task: predicted vs true and the
+error histogram.  The thumbnails are the chips of the few faces concerned, cut again from
+their photos by the shared CPU stage (``pipeline.photos.analyse_photo``), so the report
+needs no stored chips: the photo's main face, or the face the result names by index
+(people layout, where an example is any face of a photo).
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-from typing import TYPE_CHECKING, Callable
+import math
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.contract import CLASSIFICATION, UNKNOWN
-from pipeline.training.outcome import ClassificationResult, RegressionResult
+from pipeline.training.outcome import ClassificationResult, RegressionResult, StrangerResult
 
 if TYPE_CHECKING:
+    from pipeline.heads import TaskSpec
     from pipeline.settings import Settings
     from pipeline.training.outcome import TrainOutcome
 
+Z95 = 1.959964
+KNOWN_C, STRANGER_C, STANDIN_C = "tab:blue", "tab:red", "tab:orange"
+
+
+# -- statistics ------------------------------------------------------------------------
 
 def per_class_prf(true: np.ndarray, pred: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Precision, recall, F1 and support per class (0 where undefined)."""
@@ -39,11 +53,133 @@ def per_class_prf(true: np.ndarray, pred: np.ndarray, n: int) -> dict[str, np.nd
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
-def confusion(true: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
-    cm = np.zeros((n, n), np.int64)
+def confusion(true: np.ndarray, pred: np.ndarray, n: int, n_cols: int | None = None) -> np.ndarray:
+    """Counts of (true, predicted) index pairs; ``n_cols`` > n for an extra ``unknown`` column."""
+    cm = np.zeros((n, n_cols or n), np.int64)
     np.add.at(cm, (np.asarray(true, np.int64), np.asarray(pred, np.int64)), 1)
     return cm
 
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n: unlike the normal approximation it stays
+    inside [0, 1] and is honest at 0 or n successes, which small test sets hit often."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def bootstrap_mae(true: np.ndarray, pred: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the MAE (seeded: the same report for the same model);
+    absolute errors are skewed, so no normal approximation."""
+    err = np.abs(np.asarray(pred, np.float64) - np.asarray(true, np.float64))
+    if len(err) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = err[rng.integers(0, len(err), size=(n_boot, len(err)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def classification_baselines(n_classes: int, train_y: np.ndarray, true: np.ndarray) -> dict[str, Any]:
+    """What a model that ignores the face would score on the test faces: uniform guessing
+    and always answering the most frequent training class."""
+    counts = np.bincount(train_y[train_y >= 0], minlength=n_classes)
+    major = int(counts.argmax()) if counts.sum() else 0
+    k = int((np.asarray(true) == major).sum())
+    return {"chance": 1.0 / max(n_classes, 1), "majority_class": major, "majority": k / len(true) if len(true) else
+            float("nan"), "majority_ci": wilson(k, len(true))}
+
+
+def regression_baseline(spec: "TaskSpec", true: np.ndarray) -> dict[str, float]:
+    """MAE of predicting the training mean for every face (the floor a head must beat)."""
+    mae = float(np.abs(spec.mean - np.asarray(true, np.float64)).mean()) if len(true) else float("nan")
+    return {"mean": float(spec.mean), "mae": mae}
+
+
+def validation_rows(spec: "TaskSpec", history: list[dict], selection: dict | None) -> list[dict[str, Any]]:
+    """Per candidate head (variant) its validation figures at its own best epoch, and which
+    was chosen: the lowest criterion (validation loss for classification, validation MAE
+    over the training std for regression; ``calibration.select_heads``)."""
+    prefix = f"val_{spec.name}@"
+    variants = sorted({k[len(prefix):].rsplit("_", 1)[0] for h in history for k in h if k.startswith(prefix)})
+    chosen = (selection or {}).get("variant")
+    rows = []
+    for v in variants:
+        key = f"{prefix}{v}_" + ("loss" if spec.kind == CLASSIFICATION else "mae")
+        vals = [(h.get(key), i) for i, h in enumerate(history) if _finite(h.get(key))]
+        if not vals:
+            continue
+        if v == chosen and selection and "best_epoch" in selection:
+            epoch = int(selection["best_epoch"])
+            i = next((j for j, h in enumerate(history) if h.get("epoch") == epoch), min(vals)[1])
+        else:
+            i = min(vals)[1]
+        h = history[i]
+        metric = h.get(f"{prefix}{v}_acc") if spec.kind == CLASSIFICATION else h.get(f"{prefix}{v}_mae")
+        crit = (selection or {}).get(f"val_crit_{v}")
+        rows.append({"variant": v, "epoch": int(h.get("epoch", i)), "loss": h.get(f"{prefix}{v}_loss"),
+                     "metric": metric, "criterion": crit, "chosen": v == chosen})
+    return rows
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float, np.floating)) and math.isfinite(float(x))
+
+
+def roc_points(known: np.ndarray, strangers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(strangers accepted, known accepted) as the distance threshold sweeps every value:
+    the trade-off the open-set ``max_dist`` picks one point of.  Infinite distances (no
+    class probable enough) are rejected at every threshold; the last point accepts all."""
+    finite = np.concatenate([known[np.isfinite(known)], strangers[np.isfinite(strangers)]])
+    ts = np.concatenate([[-np.inf], np.unique(finite), [np.inf]])
+    kn = np.sort(known)
+    st = np.sort(strangers)
+    tar = np.searchsorted(kn, ts, side="right") / max(len(kn), 1)
+    far = np.searchsorted(st, ts, side="right") / max(len(st), 1)
+    # inf distances are never accepted, even at an infinite threshold
+    tar = np.minimum(tar, np.isfinite(kn).mean() if len(kn) else 0)
+    far = np.minimum(far, np.isfinite(st).mean() if len(st) else 0)
+    # then accepting everyone: faces no class was likely enough for rank last
+    return np.append(far, 1.0), np.append(tar, 1.0)
+
+
+# -- formatting -------------------------------------------------------------------------
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or not _finite(x) else f"{100 * x:.{digits}f} %"
+
+
+def _ci_pct(lo: float, hi: float) -> str:
+    return "" if not (_finite(lo) and _finite(hi)) else f" [{100 * lo:.1f}–{100 * hi:.1f}]"
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    if _finite(x):
+        return f"{float(x):.{digits}g}" if abs(float(x)) < 1e-3 or abs(float(x)) >= 1e4 else f"{float(x):.{digits}f}"
+    return "n/a"
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """An HTML table of already formatted (escaped) cells."""
+    th = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><tr>{th}</tr>{body}</table>'
+
+
+# -- plotting ---------------------------------------------------------------------------
 
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
@@ -67,107 +203,373 @@ def _plt():
     return plt
 
 
+def _legend_outside(ax, **kw) -> None:
+    """A legend right of the axes, never over the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False, **kw)
+
+
+def _integer_axis(axis) -> None:
+    """Counts get integer ticks (no 2.5 faces)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _tick_font(n: int) -> int:
+    return 7 if n > 12 else 9
+
+
 def _face_key(d: ClassificationResult, i: int) -> tuple[str, int | None]:
     """The thumbnail key of result row ``i``: its photo and face (None: the main face)."""
     return d.uris[i], (int(d.faces[i]) if d.faces is not None else None)
 
 
-def _classification_section(name: str, labels: list[str], d: ClassificationResult, train_y: np.ndarray,
-                            thumbs: dict[tuple[str, int | None], str], spec) -> str:
+# -- sections ---------------------------------------------------------------------------
+
+def _confusion_png(title: str, cm: np.ndarray, rows: list[str], cols: list[str], xlabel: str) -> str:
+    """Confusion matrix: the count written in every non-empty cell, the colour the share
+    of its row (so a big row, e.g. the strangers, does not wash out the others)."""
+    plt = _plt()
+    nr, nc = cm.shape
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    side = max(4.5, min(17.0, 0.3 * max(nr, nc) + 2.5))
+    fig, ax = plt.subplots(figsize=(side + 1.0, side * nr / max(nc, 1) + 0.5))
+    im = ax.imshow(share, cmap="Blues", aspect="auto", vmin=0, vmax=1)
+    ax.set_xticks(range(nc), cols, rotation=90, fontsize=_tick_font(nc))
+    ax.set_yticks(range(nr), rows, fontsize=_tick_font(nr))
+    ax.set_xlabel(xlabel), ax.set_ylabel("true")
+    if max(nr, nc) <= 60:
+        font = 9 if max(nr, nc) <= 12 else (7 if max(nr, nc) <= 30 else 6)
+        for i, j in zip(*np.nonzero(cm)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=font,
+                    color="white" if share[i, j] > 0.6 else "black")
+    bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("share of the row's faces (cells: counts)")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def _open_set_confusion(name: str, labels: list[str], d: ClassificationResult,
+                        strangers: StrangerResult | None) -> str:
+    """What the bundle answers (open set): an ``unknown`` column, and a row for strangers
+    when there are some, so wrongly accepted strangers show by the name they got."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    n = len(labels)
+    idx = np.array([index.get(lab, n) for lab in d.label], np.int64)
+    cm = confusion(d.true, idx, n, n + 1)
+    rows = list(labels)
+    if strangers is not None and len(strangers.label):
+        s_idx = np.array([index.get(lab, n) for lab in strangers.label], np.int64)
+        cm = np.vstack([cm, np.bincount(s_idx, minlength=n + 1)[None, :]])
+        rows.append("(strangers)")
+    return _confusion_png(f"{name}: confusion matrix (test, as the bundle answers)", cm, rows, [*labels, UNKNOWN],
+                          "answered")
+
+
+def _bars_png(title: str, labels: list[str], series: dict[str, np.ndarray], counts: bool) -> str:
+    """Grouped bars per class, legend outside; integer ticks when the bars are counts."""
     plt = _plt()
     n = len(labels)
-    true, pred = d.true, d.pred
-    cm = confusion(true, pred, n)
-    prf = per_class_prf(true, pred, n)
-    side = max(4.0, min(16.0, 0.28 * n + 2))
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=7 if n > 12 else 9)
-    ax.set_yticks(range(n), labels, fontsize=7 if n > 12 else 9)
-    ax.set_xlabel("predicted (closed set)"), ax.set_ylabel("true")
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8)
-    ax.set_title(f"{name}: confusion matrix (test)")
-    cm_png = _png(fig)
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * n + 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2), 3.4))
     xs = np.arange(n)
-    for k, (metric, off) in enumerate((("precision", -0.27), ("recall", 0), ("f1", 0.27))):
-        ax.bar(xs + off, prf[metric], width=0.27, label=metric)
-    ax.set_xticks(xs, labels, rotation=90, fontsize=7 if n > 12 else 9)
-    ax.set_ylim(0, 1.05), ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"{name}: per-class precision / recall / F1 (test)")
-    prf_png = _png(fig)
+    w = 0.8 / len(series)
+    for k, (lab, vals) in enumerate(series.items()):
+        ax.bar(xs + (k - (len(series) - 1) / 2) * w, vals, width=w, label=lab)
+    ax.set_xticks(xs, labels, rotation=90, fontsize=_tick_font(n))
+    ax.set_xlim(-0.6, n - 0.4)
+    if counts:
+        _integer_axis(ax.yaxis)
+        ax.set_ylabel("faces")
+    else:
+        ax.set_ylim(0, 1.0)
+    _legend_outside(ax)
+    ax.set_title(title)
+    return _png(fig)
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * n + 2), 3.5))
-    t_counts = np.bincount(true, minlength=n)
-    p_counts = np.bincount(pred, minlength=n)
-    ax.bar(xs - 0.2, t_counts, width=0.4, label="true")
-    ax.bar(xs + 0.2, p_counts, width=0.4, label="predicted")
-    ax.set_xticks(xs, labels, rotation=90, fontsize=7 if n > 12 else 9)
-    ax.legend(fontsize=8), ax.set_title(f"{name}: class distribution on test, true vs predicted")
-    dist_png = _png(fig)
 
-    tr_counts = np.bincount(train_y[train_y >= 0], minlength=n)
-    rows = "".join(f"<tr><td>{html.escape(labels[i])}</td><td>{tr_counts[i]}</td><td>{prf['support'][i]}</td>"
-                   f"<td>{prf['precision'][i]:.3f}</td><td>{prf['recall'][i]:.3f}</td><td>{prf['f1'][i]:.3f}</td></tr>"
-                   for i in range(n))
-    # most confident mistakes
-    prob = d.prob
-    wrong = np.flatnonzero(pred != true)
-    wrong = wrong[np.argsort(-prob[wrong, pred[wrong]])][:8]
+def _mistakes_html(labels: list[str], d: ClassificationResult, thumbs: dict[tuple[str, int | None], str]) -> str:
+    """The most confident closed-set mistakes, as thumbnails with short captions."""
+    wrong = np.flatnonzero(d.pred != d.true)
+    wrong = wrong[np.argsort(-d.prob[wrong, d.pred[wrong]])][:8]
     cells = []
     for i in wrong:
-        uri, key = d.uris[i], _face_key(d, i)
+        key = _face_key(d, i)
         img = f'<img src="data:image/png;base64,{thumbs[key]}" width="96">' if key in thumbs else "(no thumbnail)"
-        cells.append(f"<figure>{img}<figcaption>true <b>{html.escape(labels[true[i]])}</b><br>predicted "
-                     f"<b>{html.escape(labels[pred[i]])}</b> p={prob[i, pred[i]]:.2f}<br>"
-                     f"<small>{html.escape(uri.rsplit('/', 1)[-1])}</small></figcaption></figure>")
-    mistakes = "".join(cells) or "<p>no mistakes on the test split.</p>"
-    open_set = ""
+        cells.append(f"<figure>{img}<figcaption>true <b>{_esc(labels[d.true[i]])}</b><br>predicted "
+                     f"<b>{_esc(labels[d.pred[i]])}</b> p={d.prob[i, d.pred[i]]:.2f}<br>"
+                     f"<small>{_esc(d.uris[i].rsplit('/', 1)[-1])}</small></figcaption></figure>")
+    return "".join(cells) or "<p>no mistakes on the test split.</p>"
+
+
+def _classification_section(name: str, labels: list[str], d: ClassificationResult, train_y: np.ndarray,
+                            thumbs: dict[tuple[str, int | None], str], spec: "TaskSpec",
+                            strangers: StrangerResult | None = None) -> str:
+    """Confusion matrix, per-class figures and distribution, the open-set picture, mistakes."""
+    n = len(labels)
+    prf = per_class_prf(d.true, d.pred, n)
     if spec.open_set:
-        rejected = float((d.label == UNKNOWN).mean()) if len(d.label) else 0.0
-        open_set = (f"<p>open set: a face is <code>unknown</code> when its best probability is below "
-                    f"{spec.min_prob:.3f} or its cosine distance to that class centroid is above "
-                    f"{spec.max_dist:.3f}; known test faces rejected: {rejected:.1%}.</p>")
-    return (f"<h2>{html.escape(name)} (classification, {n} classes, head {spec.head})</h2>{open_set}"
-            f"{_img(cm_png, 'confusion matrix')}{_img(prf_png, 'precision recall f1')}{_img(dist_png, 'distribution')}"
-            f"<details><summary>per-class table</summary><table><tr><th>class</th><th>train</th><th>test</th>"
-            f"<th>precision</th><th>recall</th><th>F1</th></tr>{rows}</table></details>"
-            f"<h3>most confident mistakes</h3><div class=thumbs>{mistakes}</div>")
+        cm_png = _open_set_confusion(name, labels, d, strangers)
+    else:
+        cm_png = _confusion_png(f"{name}: confusion matrix (test)", confusion(d.true, d.pred, n), labels, labels,
+                                "predicted")
+    prf_png = _bars_png(f"{name}: per-class precision / recall / F1 (test, closed set)", labels,
+                        {m: prf[m] for m in ("precision", "recall", "f1")}, counts=False)
+    dist_png = _bars_png(f"{name}: class distribution on test, true vs predicted", labels,
+                         {"true": np.bincount(d.true, minlength=n), "predicted": np.bincount(d.pred, minlength=n)},
+                         counts=True)
+    tr_counts = np.bincount(train_y[train_y >= 0], minlength=n)
+    rows = [[_esc(labels[i]), str(tr_counts[i]), str(prf["support"][i]), f"{prf['precision'][i]:.3f}",
+             f"{prf['recall'][i]:.3f}", f"{prf['f1'][i]:.3f}"] for i in range(n)]
+    open_set = _open_set_section(name, spec, d, strangers) if spec.open_set else ""
+    return (f"{_img(cm_png, 'confusion matrix')}{open_set}{_img(prf_png, 'precision recall f1')}"
+            f"{_img(dist_png, 'distribution')}"
+            f"<details><summary>per-class table</summary>"
+            f"{_table(['class', 'train', 'test', 'precision', 'recall', 'F1'], rows)}</details>"
+            f"<h3>most confident mistakes (closed set)</h3><div class=thumbs>{_mistakes_html(labels, d, thumbs)}</div>")
 
 
-def _regression_section(name: str, d: RegressionResult, spec) -> str:
+def _regression_section(name: str, d: RegressionResult, spec: "TaskSpec") -> str:
+    """Predicted vs true (with the training mean drawn) and the error histogram."""
     plt = _plt()
     true, pred = d.true, d.pred
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].scatter(true, pred, s=8, alpha=0.6)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].scatter(true, pred, s=10, alpha=0.6, label="test faces")
     lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-    axes[0].plot([lo, hi], [lo, hi], "k--", lw=1)
-    axes[0].set_xlabel("true"), axes[0].set_ylabel("predicted"), axes[0].set_title(f"{name}: test")
-    axes[1].hist(pred - true, bins=30)
-    axes[1].set_xlabel("predicted - true"), axes[1].set_title("error histogram")
-    mae = float(np.abs(pred - true).mean()) if len(true) else float("nan")
-    return (f"<h2>{html.escape(name)} (regression, head {spec.head})</h2><p>test MAE {mae:.2f} "
-            f"(predicting the training mean: {float(np.abs(spec.mean - true).mean()):.2f})</p>"
-            f"{_img(_png(fig), 'regression')}")
+    axes[0].plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = true")
+    axes[0].axhline(spec.mean, color="tab:gray", lw=1, ls=":", label=f"training mean {spec.mean:.1f}")
+    axes[0].set_xlabel(f"true {name}"), axes[0].set_ylabel(f"predicted {name}")
+    axes[0].set_title(f"{name}: predicted vs true (test)")
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
+    axes[1].hist(pred - true, bins=30, color="tab:blue")
+    axes[1].axvline(0, color="k", lw=1)
+    axes[1].set_xlabel("predicted − true"), axes[1].set_ylabel("faces"), axes[1].set_title("error histogram (test)")
+    _integer_axis(axes[1].yaxis)
+    fig.tight_layout()
+    return _img(_png(fig), "regression")
 
 
-def _curves(history: list[dict]) -> str:
+def _open_set_data(d: ClassificationResult, strangers: StrangerResult | None
+                   ) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Known test faces' rule distance, and the strangers' (real ones when given, else the
+    known faces seen from the nearest other centroid), with what the second set is."""
+    known = d.dist if d.dist is not None else np.zeros(0)
+    if strangers is not None and strangers.dist is not None and len(strangers.dist):
+        return known, strangers.dist, "strangers"
+    if d.impostor_dist is not None:
+        return known, d.impostor_dist, "stand-in strangers"
+    return known, None, ""
+
+
+def _distance_png(name: str, spec: "TaskSpec", known: np.ndarray, other: np.ndarray | None, what: str) -> str:
+    """Histogram of the rule's distance, known faces vs strangers, the threshold drawn;
+    faces no class was probable enough for (infinite distance) in a bar of their own."""
     plt = _plt()
-    if not history:
+    fig, ax = plt.subplots(figsize=(7.2, 3.4))
+    sets = [("known test faces", known, KNOWN_C)]
+    if other is not None:
+        sets.append((what, other, STRANGER_C if what == "strangers" else STANDIN_C))
+    finite = np.concatenate([v[np.isfinite(v)] for _, v, _ in sets] + [np.array([spec.max_dist])])
+    bins = np.linspace(max(0.0, finite.min() - 0.02), finite.max() + 0.02, 40)
+    width = bins[1] - bins[0]
+    over_x = bins[-1] + 3 * width
+    any_over = False
+    for k, (lab, v, c) in enumerate(sets):
+        ax.hist(v[np.isfinite(v)], bins=bins, color=c, alpha=0.55, label=f"{lab} (n={len(v)})")
+        over = int((~np.isfinite(v)).sum())
+        if over:
+            any_over = True
+            ax.bar(over_x + (k - 0.5) * width * 1.2, over, width=width * 1.2, color=c, alpha=0.55)
+    ax.axvline(spec.max_dist, color="k", ls="--", lw=1.2, label=f"threshold max_dist = {spec.max_dist:.3f}")
+    if any_over:
+        ticks = [t for t in ax.get_xticks() if bins[0] <= t <= bins[-1]]
+        ax.set_xticks([*ticks, over_x], [f"{t:.2f}" for t in ticks] + [f"p < {spec.min_prob:.2f}"])
+        ax.set_xlim(bins[0] - width, over_x + 2 * width)
+    ax.set_xlabel("cosine distance to the nearest class centroid with p ≥ min_prob")
+    ax.set_ylabel("faces")
+    _integer_axis(ax.yaxis)
+    ax.set_title(f"{name}: accepted left of the threshold, unknown right of it")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def _roc_png(name: str, spec: "TaskSpec", known: np.ndarray, other: np.ndarray, what: str) -> str:
+    """ROC of the distance threshold (min_prob fixed), the calibrated point marked."""
+    plt = _plt()
+    far, tar = roc_points(known, other)
+    auc = float(np.trapezoid(tar, far)) if hasattr(np, "trapezoid") else float(np.trapz(tar, far))
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot(far, tar, color=KNOWN_C, lw=1.5, label=f"threshold swept (AUC {auc:.3f})")
+    op_far = float((other <= spec.max_dist).mean()) if len(other) else float("nan")
+    op_tar = float((known <= spec.max_dist).mean()) if len(known) else float("nan")
+    ax.plot([op_far], [op_tar], "o", color="k", label=f"max_dist {spec.max_dist:.3f}")
+    ax.plot([0, 1], [0, 1], color="tab:gray", lw=0.8, ls=":", label="chance")
+    ax.set_xlim(-0.02, 1.02), ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"{what} accepted (false accept rate)"), ax.set_ylabel("known faces accepted")
+    ax.set_title(f"{name}: ROC (min_prob {spec.min_prob:.2f} fixed)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def _open_set_section(name: str, spec: "TaskSpec", d: ClassificationResult,
+                      strangers: StrangerResult | None) -> str:
+    """The open-set rule shown, not only asserted: counts, histogram, ROC."""
+    n_known = len(d.label)
+    rej = int((d.label == UNKNOWN).sum())
+    rows = [["known test faces rejected as <code>unknown</code>", f"{rej} of {n_known}",
+             _pct(rej / n_known if n_known else None) + _ci_pct(*wilson(rej, n_known))]]
+    if strangers is not None and len(strangers.label):
+        acc = int((strangers.label != UNKNOWN).sum())
+        ns = len(strangers.label)
+        rows.append(["strangers accepted as someone", f"{acc} of {ns}", _pct(acc / ns) + _ci_pct(*wilson(acc, ns))])
+        named = {}
+        for lab in strangers.label[strangers.label != UNKNOWN]:
+            named[lab] = named.get(lab, 0) + 1
+        if named:
+            top = sorted(named.items(), key=lambda kv: -kv[1])[:5]
+            rows.append(["accepted strangers were named", "", ", ".join(f"{_esc(k)} ({v})" for k, v in top)])
+    else:
+        rows.append(["strangers accepted", "not measured",
+                     "no faces of untrained people given (<code>--unknown</code> or the people layout's strangers)"])
+    text = (f"<p>Open set: a face gets a class only if that class has probability ≥ {spec.min_prob:.3f} "
+            f"and its centroid (mean training embedding) is within cosine distance {spec.max_dist:.3f}; "
+            f"otherwise it is <code>unknown</code>. The distance drawn below is, per face, that of the nearest "
+            f"centroid among the classes probable enough.</p>")
+    table = _table(["", "count", "share [95 % CI]"], rows, "num")
+    known, other, what = _open_set_data(d, strangers)
+    if not len(known):
+        return f"<h3>{_esc(name)}: open set</h3>{text}{table}"
+    plots = _img(_distance_png(name, spec, known, other, what), "distance histogram")
+    if other is not None and len(other):
+        plots += _img(_roc_png(name, spec, known, other, what), "ROC")
+    note = ("" if what != "stand-in strangers" else
+            "<p class=note>No real strangers were given: the stand-in is each known test face's distance to the "
+            "nearest centroid of <i>another</i> class (how it would look had its person not been trained), "
+            "the estimate the thresholds were calibrated on. Pass <code>--unknown</code> to measure real ones.</p>")
+    return f"<h3>{_esc(name)}: open set</h3>{text}{table}{note}<div class=row>{plots}</div>"
+
+
+def _selection_html(spec: "TaskSpec", rows: list[dict[str, Any]], selection: dict | None) -> str:
+    """Why this head: every candidate's validation figures, the chosen one marked."""
+    if not rows:
         return ""
-    keys = sorted({k for h in history for k in h if k.startswith("val_") and k.endswith("_loss")})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["train_loss"] for h in history], label="train (weighted sum)")
-    for k in keys:
-        ax.plot(ep, [h.get(k) for h in history], label=k[4:-5])
-    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.legend(fontsize=7), ax.set_title("learning curves")
-    return f"<h2>training</h2>{_img(_png(fig), 'learning curves')}"
+    cls = spec.kind == CLASSIFICATION
+    crit = "validation loss (cross-entropy)" if cls else f"validation MAE / training std ({spec.std:.2f})"
+    chosen = next((r for r in rows if r["chosen"]), None)
+    why = (f"<p>Head chosen: <b>{_esc(spec.head)} on {_esc(spec.features)} features</b> (candidate "
+           f"{_esc(chosen['variant'])}), the lowest {crit} among {len(rows)} candidates (head × input features), "
+           f"at epoch {chosen['epoch'] + 1}.</p>") if chosen else ""
+    body = [[("<b>" + _esc(r["variant"]) + " ✔</b>") if r["chosen"] else _esc(r["variant"]),
+             str(r["epoch"] + 1), _num(r["criterion"], 4), _num(r["loss"], 4),
+             (_pct(r["metric"]) if cls else _num(r["metric"], 2))] for r in rows]
+    return why + _table(["candidate", "best epoch", "criterion", "val loss", "val accuracy" if cls else "val MAE"],
+                        body, "num")
+
+
+def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]]) -> str:
+    """Loss and metric per epoch: validation for every candidate head of the task (one
+    colour each, the chosen one bold), the training loss beside it, the chosen epoch marked.
+    The training loss is the weighted sum over every task and candidate head (what the
+    optimiser sees), so it has its own axis."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    cls = spec.kind == CLASSIFICATION
+    ep = np.array([h.get("epoch", i) for i, h in enumerate(history)]) + 1
+    fig, (a_loss, a_met) = plt.subplots(1, 2, figsize=(11.5, 3.6))
+    a_train = a_loss.twinx()
+    a_train.plot(ep, [h.get("train_loss", np.nan) for h in history], color="0.35", lw=1.5, ls="-.")
+    a_train.set_ylabel("train loss (all heads, weighted sum)", color="0.35")
+    a_train.tick_params(axis="y", colors="0.35")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles, chosen_epoch = [], None
+    for k, r in enumerate(rows):
+        v, c = r["variant"], colours[k % len(colours)]
+        lw, ls = (2.4, "-") if r["chosen"] else (1.0, "--")
+        key = f"val_{spec.name}@{v}_"
+        a_loss.plot(ep, [h.get(key + "loss", np.nan) for h in history], color=c, lw=lw, ls=ls)
+        a_met.plot(ep, [h.get(key + ("acc" if cls else "mae"), np.nan) for h in history], color=c, lw=lw, ls=ls)
+        handles.append(Line2D([], [], color=c, lw=lw, ls=ls, label=f"validation, {v}" + (" (chosen)" if r["chosen"]
+                                                                                          else "")))
+        if r["chosen"]:
+            chosen_epoch = r["epoch"] + 1
+    handles.append(Line2D([], [], color="0.35", lw=1.5, ls="-.", label="train (all heads, weighted sum)"))
+    for ax in (a_loss, a_met):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        if chosen_epoch is not None:
+            ax.axvline(chosen_epoch, color="k", lw=1, ls=":")
+            ax.text(chosen_epoch, 1.01, f"chosen epoch {chosen_epoch}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8)
+    a_loss.set_ylabel("validation loss"), a_met.set_ylabel("validation " + ("accuracy" if cls else "MAE"))
+    if cls:
+        a_met.set_ylim(top=1.01)
+    a_loss.set_title(f"{spec.name}: loss", pad=14), a_met.set_title(f"{spec.name}: validation metric", pad=14)
+    fig.tight_layout()
+    a_met.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8,
+                 frameon=False)
+    return _png(fig)
+
+
+def headline(spec: "TaskSpec", d: ClassificationResult | RegressionResult, train_y: np.ndarray,
+             val: list[dict[str, Any]]) -> dict[str, Any]:
+    """The task's test figure with its 95 % interval, its baselines and the chosen head's
+    validation figure: what the summary table shows and the tests check."""
+    chosen = next((r for r in val if r["chosen"]), None)
+    n = len(d.true)
+    if spec.kind == CLASSIFICATION:
+        k = int((d.pred == d.true).sum())
+        out = {"faces": n, "accuracy": k / n if n else float("nan"), "accuracy_ci": wilson(k, n),
+               "baseline": classification_baselines(len(spec.labels), train_y, d.true),
+               "val_accuracy": chosen["metric"] if chosen else None}
+        if spec.open_set:
+            ko = int((d.label == np.asarray(spec.labels, dtype=object)[d.true]).sum())
+            out.update(open_set_accuracy=ko / n if n else float("nan"), open_set_accuracy_ci=wilson(ko, n))
+        return out
+    mae = float(np.abs(d.pred - d.true).mean()) if n else float("nan")
+    return {"faces": n, "mae": mae, "mae_ci": bootstrap_mae(d.true, d.pred), "baseline": regression_baseline(spec, d.true),
+            "val_mae": chosen["metric"] if chosen else None}
+
+
+def _headline_row(spec: "TaskSpec", h: dict[str, Any]) -> list[str]:
+    """One formatted row of the task summary table."""
+    if spec.kind == CLASSIFICATION:
+        b = h["baseline"]
+        model = f"accuracy <b>{_pct(h['accuracy'])}</b>{_ci_pct(*h['accuracy_ci'])}"
+        if "open_set_accuracy" in h:
+            model += (f"<br>open set (<code>unknown</code> counts as wrong) {_pct(h['open_set_accuracy'])}"
+                      f"{_ci_pct(*h['open_set_accuracy_ci'])}")
+        base = (f"chance {_pct(b['chance'])}<br>majority class ({_esc(spec.labels[b['majority_class']])}) "
+                f"{_pct(b['majority'])}{_ci_pct(*b['majority_ci'])}")
+        val = _pct(h["val_accuracy"])
+    else:
+        b = h["baseline"]
+        lo, hi = h["mae_ci"]
+        model = f"MAE <b>{_num(h['mae'], 2)}</b> [{_num(lo, 2)}–{_num(hi, 2)}]"
+        base = f"predict the training mean ({b['mean']:.1f}): MAE {_num(b['mae'], 2)}"
+        val = "MAE " + _num(h["val_mae"], 2)
+    kind = f"{spec.kind}, {len(spec.labels)} classes" if spec.labels else spec.kind
+    return [f"<b>{_esc(spec.name)}</b><br><small>{_esc(kind)}</small>", str(h["faces"]), model, base, val,
+            _esc(f"{spec.head}+{spec.features}")]
+
+
+def _task_section(spec: "TaskSpec", ev, d, history: list[dict], rows: list[dict[str, Any]], h: dict[str, Any],
+                  selection: dict | None, thumbs: dict[tuple[str, int | None], str]) -> str:
+    """Everything about one task: figures, validation and selection, curves, plots."""
+    kind = f"classification, {len(spec.labels)} classes" if spec.kind == CLASSIFICATION else "regression"
+    parts = [f"<h2>{_esc(spec.name)} ({kind}, head {_esc(spec.head)} on {_esc(spec.features)} features)</h2>",
+             _table(["task", "test faces", "model on test [95 % CI]", "baselines on the same faces",
+                     "validation (chosen head)", "head"], [_headline_row(spec, h)], "num"),
+             "<h3>validation and head selection</h3>", _selection_html(spec, rows, selection)]
+    if history and rows:
+        parts.append(_img(_curves_png(spec, history, rows), "learning curves"))
+    parts.append("<h3>test</h3>")
+    if spec.kind == CLASSIFICATION:
+        parts.append(_classification_section(spec.name, spec.labels, d, ev.train_counts[spec.name], thumbs, spec,
+                                             ev.strangers.get(spec.name)))
+    else:
+        parts.append(_regression_section(spec.name, d, spec))
+    return "".join(parts)
 
 
 def thumbnails(faces: list[tuple[str, int | None]], settings: "Settings",
@@ -200,18 +602,61 @@ def thumbnails(faces: list[tuple[str, int | None]], settings: "Settings",
     return out
 
 
+def _summary_rows(outcome: "TrainOutcome") -> dict[str, str]:
+    """The run at a glance, every value formatted (no raw dicts, no long floats)."""
+    m, meta = outcome.metrics, outcome.meta
+    split = m.get("split", {})
+    return {
+        "model_version": meta["model_version"], "created_at": meta["created_at"],
+        "data": f"{meta['data']['uri']} ({meta['data']['layout']})",
+        "backbone": meta["backbone"]["id"], "photos": _num(outcome.photos), "faces found": _num(outcome.faces),
+        "photos without a face (not used)": _num(outcome.no_face),
+        "photos with errors": ", ".join(f"{k} {v}" for k, v in outcome.errors.items()) or "none",
+        "split train / val / test": " / ".join(_num(split.get(k, 0)) for k in ("train", "val", "test")),
+        "fit": f"{m.get('epochs_run')} epochs on {m.get('workers')} worker(s), {outcome.fit_seconds:.1f} s",
+        "heads chosen": ", ".join(f"{k}: {v}" for k, v in m.get("heads", {}).items())}
+
+
+def _strangers_html(m: dict) -> str:
+    """Strangers measured at the job level (--unknown, people layout), as sentences and a table."""
+    out = ""
+    if m.get("unknown"):
+        out = "<h2>faces of people not in the training set (--unknown)</h2><ul>" + "".join(
+            f"<li>{_esc(k)}: {_pct(v['rejected'])} of {v['faces']} faces rejected as unknown "
+            f"{_ci_pct(*wilson(round(v['rejected'] * v['faces']), v['faces']))}</li>"
+            for k, v in m["unknown"].items()) + "</ul>"
+    for k, v in m.get("strangers", {}).items():
+        out += (f"<h2>{_esc(k)}: open set against strangers</h2><p>{v['faces']} faces of {v['people']} "
+                f"unnamed people; thresholds picked on {v['used']['val']} of them (known faces rejected at "
+                f"most {v['target_known_rejected']:.0%}, strangers rejected as many as possible, aim "
+                f"{v['target_strangers_rejected']:.0%}), measured again on {v['used']['test']} faces of other "
+                f"unnamed people.</p>" + _table(["", "known faces rejected", "strangers rejected"], [
+                    [part, _pct(v[part]["known_rejected"]), _pct(v[part]["strangers_rejected"])]
+                    for part in ("val", "test")], "num"))
+    return out
+
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 8px}
+img{max-width:100%;display:block;margin:6px 0}
+table{border-collapse:collapse;margin:6px 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;font-size:13px;vertical-align:top}
+table.num td{font-variant-numeric:tabular-nums}
+.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.row img{max-width:100%}
+.thumbs{display:flex;flex-wrap:wrap;gap:16px}
+figure{margin:0;font-size:12px;width:150px}figcaption{word-break:break-all;line-height:1.3}
+.note{color:#555;font-size:13px}h2{margin-top:1.6em;border-bottom:1px solid #ddd}"""
+
+
 def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
                  log: Callable[[str], None] = print) -> str:
     """Render report.html into the bundle; returns its URI."""
     ev = outcome.evaluation
-    specs = ev.specs
-    detail = ev.test
     m = outcome.metrics
     # thumbnails for the most confident mistakes only (a handful of photos re-cropped)
     want = []
-    for s in specs:
+    for s in ev.specs:
         if s.kind == CLASSIFICATION:
-            d = detail[s.name]
+            d = ev.test[s.name]
             wrong = np.flatnonzero(d.pred != d.true)
             wrong = wrong[np.argsort(-d.prob[wrong, d.pred[wrong]])][:8]
             want += [_face_key(d, i) for i in wrong]
@@ -220,42 +665,23 @@ def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
     except Exception as exc:  # the report must not lose a trained model
         log(f"report: thumbnails skipped ({type(exc).__name__}: {exc})")
         thumbs = {}
-    sections = []
-    for s in specs:
-        if s.kind == CLASSIFICATION:
-            sections.append(_classification_section(s.name, s.labels, detail[s.name], ev.train_counts[s.name], thumbs, s))
-        else:
-            sections.append(_regression_section(s.name, detail[s.name], s))
-    unknown = ""
-    if m.get("unknown"):
-        unknown = "<h2>faces of people not in the training set</h2><ul>" + "".join(
-            f"<li>{html.escape(k)}: {v['rejected']:.1%} of {v['faces']} faces rejected as unknown</li>"
-            for k, v in m["unknown"].items()) + "</ul>"
-    for k, v in m.get("strangers", {}).items():
-        pct = lambda r: "n/a" if r is None else f"{r:.1%}"  # noqa: E731
-        unknown += (f"<h2>{html.escape(k)}: open set against strangers</h2><p>{v['faces']} faces of {v['people']} "
-                    f"unnamed people; thresholds picked on {v['used']['val']} of them (known faces rejected at "
-                    f"most {v['target_known_rejected']:.0%}, strangers rejected as many as possible, aim "
-                    f"{v['target_strangers_rejected']:.0%}), measured again on {v['used']['test']} faces of other "
-                    f"unnamed people.</p><table><tr><th></th><th>known faces rejected</th><th>strangers rejected"
-                    f"</th></tr>" + "".join(
-                        f"<tr><th>{part}</th><td>{pct(v[part]['known_rejected'])}</td>"
-                        f"<td>{pct(v[part]['strangers_rejected'])}</td></tr>" for part in ("val", "test")) + "</table>")
-    summary_rows = {
-        "model_version": outcome.meta["model_version"], "created_at": outcome.meta["created_at"],
-        "data": f"{outcome.meta['data']['uri']} ({outcome.meta['data']['layout']})",
-        "backbone": outcome.meta["backbone"]["id"], "photos": outcome.photos, "faces found": outcome.faces,
-        "photos without a face (not used)": outcome.no_face,
-        "photos with errors": ", ".join(f"{k} {v}" for k, v in outcome.errors.items()) or "none",
-        "split train/val/test": "/".join(str(m["split"][k]) for k in ("train", "val", "test")),
-        "workers": m["workers"], "epochs run": m["epochs_run"], "heads": m["heads"],
-        "test metrics": m["test"]}
-    summary = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary_rows.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>faceray model {outcome.meta['model_version']}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:1em auto}} img{{max-width:100%}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left;font-size:13px}}
-.thumbs{{display:flex;flex-wrap:wrap;gap:8px}} figure{{margin:0;font-size:12px;width:150px}}</style></head><body>
-<h1>faceray model report</h1><table>{summary}</table>{unknown}{''.join(sections)}{_curves(ev.history)}
+    selection = m.get("selection", {})
+    overview, sections = [], []
+    for s in ev.specs:
+        d = ev.test[s.name]
+        rows = validation_rows(s, ev.history, selection.get(s.name))
+        h = headline(s, d, ev.train_counts[s.name], rows)
+        overview.append(_headline_row(s, h))
+        sections.append(_task_section(s, ev, d, ev.history, rows, h, selection.get(s.name), thumbs))
+    summary = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in _summary_rows(outcome).items())
+    tasks = _table(["task", "test faces", "model on test [95 % CI]", "baselines on the same faces",
+                    "validation (chosen head)", "head"], overview, "num")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>faceray model {_esc(outcome.meta['model_version'])}</title>
+<style>{STYLE}</style></head><body>
+<h1>faceray model report</h1><table>{summary}</table>
+<h2>tasks at a glance</h2>{tasks}<p class=note>Intervals: 95 %, Wilson score for accuracies and shares,
+percentile bootstrap (2,000 resamples, seed 0) for MAE. Baselines ignore the face: uniform guessing, always the most
+frequent training class, or the training mean.</p>{_strangers_html(m)}{''.join(sections)}
 </body></html>"""
     fs, path = storage.resolve(output_uri)
     with fs.open_output_stream(f"{path}/report.html") as f:

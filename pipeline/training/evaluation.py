@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage, table
 from pipeline.contract import CLASSIFICATION, UNKNOWN
-from pipeline.heads import ModelBundle
+from pipeline.heads import ModelBundle, TaskSpec, cosine_distance
 from pipeline.settings import Settings
 from pipeline.training.embeddings import embed_labelled
 from pipeline.training.outcome import ClassificationResult, RegressionResult, StrangerResult
@@ -34,9 +34,11 @@ def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, Classi
                                "accuracy": float((closed[m] == y[m]).mean()) if m.any() else nan,
                                "open_set_accuracy": float((labels[m] == true).mean()) if m.any() else nan,
                                "known_rejected": float((labels[m] == UNKNOWN).mean()) if m.any() else 0.0}
+            dist, impostor = open_set_distances(bundle, s, raw[s.name][m], part.x[m], y[m])
             results[s.name] = ClassificationResult(y[m], closed[m], raw[s.name][m], labels[m], scores[m],
                                                    [u for u, k in zip(part.uris, m) if k],
-                                                   part.faces[m] if part.faces is not None else None)
+                                                   part.faces[m] if part.faces is not None else None,
+                                                   dist, impostor)
         else:
             m = np.isfinite(y)
             v = preds[s.name][0][m]
@@ -54,14 +56,38 @@ def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_ur
                             tuple(bundle.feature_sets))
     ok = emb.filter(pc.is_valid(emb.column("main_face")))
     x = table.embedding_matrix(ok.column("embedding"))
-    preds = bundle.predict(x, np.arange(len(x)), feature_columns(ok, bundle.feature_sets))
+    feats = feature_columns(ok, bundle.feature_sets)
+    preds = bundle.predict(x, np.arange(len(x)), feats)
+    raw = bundle.raw(x, feats)
     out, results = {}, {}
     for s in bundle.specs:
         if s.kind == CLASSIFICATION and s.open_set:
             labels, scores = preds[s.name]
             out[s.name] = {"faces": len(x), "rejected": float((labels == UNKNOWN).mean()) if len(x) else 0.0}
-            results[s.name] = StrangerResult(labels, scores, ok.column("image_uri").to_pylist())
+            dist, _ = open_set_distances(bundle, s, raw[s.name], x)
+            results[s.name] = StrangerResult(labels, scores, ok.column("image_uri").to_pylist(), dist=dist)
     return out, results
+
+
+def open_set_distances(bundle: ModelBundle, spec: TaskSpec, probs: np.ndarray, x: np.ndarray,
+                       y: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The one number per face the open-set rule thresholds (so the report can draw the
+    rule as a line on a histogram and sweep it for a ROC curve): the nearest centroid among
+    labels with probability >= ``min_prob`` (inf when none), accepted iff <= ``max_dist``.
+    With true labels, also each face's distance to the nearest centroid of another class,
+    what the face would look like had its person not been trained (the stand-in stranger
+    of ``calibrate_open_set``).  (None, None) for closed-set tasks."""
+    centroids = bundle._centroids.get(spec.name) if spec.open_set else None  # noqa: SLF001 (read-only)
+    if centroids is None:
+        return None, None
+    d = cosine_distance(x, centroids)
+    dist = np.where(probs >= spec.min_prob, d, np.inf).min(axis=1) if d.shape[1] else np.full(len(x), np.inf)
+    impostor = None
+    if y is not None and d.shape[1] > 1:
+        other = d.copy()
+        other[np.arange(len(y)), y] = np.inf
+        impostor = other.min(axis=1)
+    return dist.astype(np.float32), (impostor.astype(np.float32) if impostor is not None else None)
 
 
 def feature_columns(rows, names) -> dict[str, np.ndarray]:
@@ -87,6 +113,8 @@ def open_set_rates(bundle: ModelBundle, val: Encoded, test: Encoded, strangers: 
     rejected = {name: _rejected(bundle, p.x) for name, p in
                 (("val_known", val), ("test_known", test), ("val_strangers", s_val), ("test_strangers", s_test))}
     preds = bundle.predict(s_test.x, np.arange(len(s_test.x)))
+    raw = bundle.raw(s_test.x)
+    specs = {s.name: s for s in bundle.specs}
     out, results = {}, {}
     for task in rejected["val_known"]:
         def rate(key: str, part: Encoded) -> float | None:
@@ -100,5 +128,6 @@ def open_set_rates(bundle: ModelBundle, val: Encoded, test: Encoded, strangers: 
                      "test": {"known_rejected": rate("test_known", test),
                               "strangers_rejected": rate("test_strangers", s_test)}}
         labels, scores = preds[task]
-        results[task] = StrangerResult(labels, scores, s_test.uris, s_test.faces)
+        dist, _ = open_set_distances(bundle, specs[task], raw[task], s_test.x)
+        results[task] = StrangerResult(labels, scores, s_test.uris, s_test.faces, dist)
     return out, results

@@ -22,6 +22,13 @@ class ClassificationResult:
     score: np.ndarray
     uris: list[str]
     faces: np.ndarray | None = None
+    dist: np.ndarray | None = None      # the open-set rule's distance, as for ClassificationResult
+    # open-set tasks: the distance the open-set rule compares with ``max_dist`` (nearest
+    # centroid among labels with probability >= ``min_prob``; inf when none) and the
+    # distance to the nearest *other* class's centroid (a stand-in stranger when no real
+    # strangers were given); both None for closed-set tasks
+    dist: np.ndarray | None = None
+    impostor_dist: np.ndarray | None = None
 
 
 @dataclass
@@ -39,6 +46,7 @@ class StrangerResult:
     score: np.ndarray
     uris: list[str]
     faces: np.ndarray | None = None
+    dist: np.ndarray | None = None      # the open-set rule's distance, as for ClassificationResult
 
 
 @dataclass
