@@ -115,7 +115,9 @@ class EmbedStage:
         from pipeline.video import assign_tracks, decide_tracks
 
         tracks = assign_tracks(photos, emb)  # videos: after the embeddings exist; None without videos
-        preds = decide_tracks(photos, emb, tracks, self.models.bundle, preds, feats)  # identities per track
+        if tracks is not None and self.models.bundle is not None:  # identities per track, on what the heads read
+            head = self.models.bundle.head_embeddings(chips, emb, self.models.precision)
+            preds = decide_tracks(photos, tracks, self.models.bundle, preds, head, feats)
         return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version, tracks)
 
 

@@ -17,9 +17,15 @@
   the damage and names the damage in ``error`` on every row of that segment.
 * **Tracks** (``assign_tracks``): after embeddings exist, a face joins the track of a face
   of the last few sampled frames when their embeddings agree (cosine) and, unless the
-  embeddings agree strongly, their boxes overlap (IoU).  Greedy, best pairs first.  Tracks
-  restart at segment boundaries: ids are ``segment * TRACK_STRIDE + k``, so they stay
-  unique within a video, but one person crossing a boundary gets two ids.
+  embeddings agree strongly, their boxes overlap (IoU).  Greedy, best pairs first.  A short
+  track inside another's gap, at its place and close to it (a blurred frame), joins it
+  (``_bridge_gaps``).  Tracks restart at segment boundaries: ids are
+  ``segment * TRACK_STRIDE + k``, so they stay unique within a video, but one person
+  crossing a boundary gets two ids (segments are scored by different actors and committed
+  as separate parts, so no actor sees both sides).
+* **Identities per track** (``decide_tracks``): with a bundle, open-set classification
+  tasks (identities) are decided once per track on its mean embedding and written to all
+  its faces, score included; other tasks and the built-in attributes stay per face.
 """
 from __future__ import annotations
 
@@ -45,6 +51,11 @@ SAME_FACE_COS = 0.9      # embeddings at least this close may join one track …
 SURE_FACE_COS = 0.95     # … this close join whatever their boxes
 MIN_IOU = 0.1            # … otherwise boxes must overlap at least this much
 TRACK_GAP = 3            # a track waits this many sampled frames for its face to come back
+# A degraded frame inside a shot (heavy blur: cosine 0.88-0.90 to the frames around it)
+# misses SAME_FACE_COS; it still joins the track around it when it sits where that
+# track's faces are (IoU) and looks like them at least this much (``_bridge_gaps``).
+GAP_FACE_COS = 0.85     # (two different LFW people reached 0.84)
+GAP_IOU = 0.5
 
 
 def is_video(uri: str) -> bool:
@@ -242,6 +253,55 @@ def link_frames(frames: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]
                 tracks.append({})
             tracks[ids[f]] = {"box": boxes[f], "emb": embs[f], "seen": n}
         out.append(ids)
+    return _bridge_gaps(frames, out)
+
+
+def _bridge_gaps(frames: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> list[np.ndarray]:
+    """A short track lying inside another's gap joins it: its faces sit where the other
+    track's faces are just before and just after (IoU ≥ ``GAP_IOU``) and look like both
+    (cosine ≥ ``GAP_FACE_COS``).  A blurred or noisy frame inside a shot (cosine ~0.88 to
+    its neighbours, under ``SAME_FACE_COS``) then stays in the person's track, while a cut
+    to someone else, which lasts, does not.  Ids are renumbered by first appearance."""
+    where: dict[int, list[tuple[int, int]]] = {}   # track → [(frame, face)]
+    for n, frame_ids in enumerate(ids):
+        for f, t in enumerate(frame_ids):
+            where.setdefault(int(t), []).append((n, f))
+    merged: dict[int, int] = {}
+    for t, faces in where.items():
+        first, last = faces[0][0], faces[-1][0]
+        if last - first >= TRACK_GAP:
+            continue
+        best = None
+        for u, other in where.items():
+            u_frames = [n for n, _ in other]
+            before = [p for p in other if p[0] < first]
+            after = [p for p in other if p[0] > last]
+            if u == t or not before or not after or after[0][0] - before[-1][0] > TRACK_GAP + 1 \
+                    or any(first <= n <= last for n in u_frames) or u in merged:
+                continue
+            ends = [before[-1], after[0]]
+            box_u = np.stack([frames[n][0][f] for n, f in ends])
+            emb_u = np.stack([frames[n][1][f] for n, f in ends])
+            box_t = np.stack([frames[n][0][f] for n, f in faces])
+            emb_t = np.stack([frames[n][1][f] for n, f in faces])
+            cos = emb_t @ emb_u.T
+            if (cos >= GAP_FACE_COS).all() and (_iou(box_t, box_u) >= GAP_IOU).all():
+                if best is None or cos.mean() > best[0]:
+                    best = (float(cos.mean()), u)
+        if best is not None:
+            merged[t] = best[1]
+    if not merged:
+        return ids
+    def root(t: int) -> int:
+        while t in merged:
+            t = merged[t]
+        return t
+
+    order: dict[int, int] = {}
+    out = []
+    for frame_ids in ids:
+        new = np.array([order.setdefault(root(int(t)), len(order)) for t in frame_ids], np.int64)
+        out.append(new)
     return out
 
 
@@ -267,6 +327,77 @@ def assign_tracks(photos: pa.Table, embeddings: np.ndarray) -> np.ndarray | None
         ids = link_frames([(boxes[starts[i]:starts[i + 1]], embeddings[starts[i]:starts[i + 1]]) for i in rows])
         for i, local in zip(rows, ids):
             out[starts[i]:starts[i + 1]] = seg * TRACK_STRIDE + local
+    return out
+
+
+def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
+                  predictions: dict[str, tuple[np.ndarray, np.ndarray]], embeddings: np.ndarray,
+                  features: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Identities per track: for each open-set classification task of ``bundle`` (identity
+    tasks), every face of a video track gets the label the bundle decides on the track's
+    mean unit embedding (``ModelBundle.raw`` + ``ModelBundle.decide``: the same open-set
+    thresholds as for one face; ``embeddings``: the ones the heads read,
+    ``ModelBundle.head_embeddings``), so one blurred frame does not rename a person; its score
+    is that decision's probability (the track's, the same on every face of the track).
+    Exclusive tasks stay exclusive per frame: tracks are decided longest first, and a track
+    sharing a frame with an already named track cannot take its label (it gets its next
+    acceptable one, or ``unknown``).  Photo faces (track -1), other tasks and the built-in
+    attributes keep their per-face predictions.  ``features``: the attribute features by
+    name (``FaceModels.run``), averaged per track like the embeddings, for bundles whose
+    heads read them."""
+    from pipeline.contract import CLASSIFICATION, UNKNOWN
+
+    if track_ids is None or bundle is None:
+        return predictions
+    specs = [s for s in bundle.specs if s.kind == CLASSIFICATION and s.open_set and s.name in predictions]
+    faces = np.flatnonzero(np.asarray(track_ids) >= 0)
+    if not specs or not len(faces):
+        return predictions
+    counts = np.asarray(photos.column("face_count").to_numpy(zero_copy_only=False), np.int64)
+    photo_of = np.repeat(np.arange(len(counts)), counts)
+    uris = photos.column("image_uri").to_pylist()
+    # track ids are unique within a video, not within a batch of several videos
+    keys = {}
+    track_of = np.array([keys.setdefault((uris[photo_of[i]], int(track_ids[i])), len(keys)) for i in faces], np.int64)
+    k = len(keys)
+    emb = np.zeros((k, embeddings.shape[1]), np.float32)
+    np.add.at(emb, track_of, embeddings[faces])
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    size = np.bincount(track_of, minlength=k)
+    feats = None
+    if bundle.feature_sets:
+        feats = {}
+        for name in bundle.feature_sets:
+            x = np.asarray(features[name], np.float32)[faces]  # type: ignore[index]
+            m = np.zeros((k, x.shape[1]), np.float32)
+            np.add.at(m, track_of, x)
+            feats[name] = m / size[:, None]
+    raw = bundle.raw(emb, feats)
+    frames_of: list[set[int]] = [set() for _ in range(k)]
+    tracks_in: dict[int, list[int]] = {}
+    for i, t in zip(faces, track_of):
+        frames_of[t].add(int(photo_of[i]))
+        tracks_in.setdefault(int(photo_of[i]), []).append(int(t))
+    out = dict(predictions)
+    for s in specs:
+        probs = raw[s.name]
+        idx = np.full(k, -1, np.int64)
+        decided = np.zeros(k, bool)
+        for t in sorted(range(k), key=lambda t: (-size[t], -probs[t].max())):
+            p = probs[t:t + 1].copy()
+            taken = set()
+            if s.exclusive:
+                taken = {int(idx[u]) for f in frames_of[t] for u in tracks_in[f] if decided[u] and idx[u] >= 0}
+                p[0, sorted(taken)] = 0.0
+            j = int(bundle.decide(s, p, emb[t:t + 1], np.zeros(1, np.int64))[0][0])
+            idx[t] = -1 if j in taken else j
+            decided[t] = True
+        score = np.where(idx >= 0, probs[np.arange(k), np.maximum(idx, 0)], probs.max(1)).astype(np.float32)
+        labels, scores = predictions[s.name]
+        labels, scores = np.array(labels, dtype=object), np.array(scores, np.float32)
+        labels[faces] = np.asarray(s.labels + [UNKNOWN], dtype=object)[idx[track_of]]
+        scores[faces] = score[track_of]
+        out[s.name] = (labels, scores)
     return out
 
 

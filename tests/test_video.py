@@ -2,8 +2,10 @@
 
 One clip: 3 s of one person cut to 3 s of another, with camera shake (an affine jitter
 per frame), H.264 in mp4 (index at the front, so a cut-off copy still opens); a
-truncated copy; a text file named .mp4.  Sampled at 2 frames/s, 4 s segments (so the
-clip is two tasks and tracks restart at 4 s).
+truncated copy; a text file named .mp4; the same cut with one sample of the first shot
+blurred hard.  Sampled at 2 frames/s, 4 s segments (so a clip is two tasks and tracks
+restart at 4 s), scored with an identity bundle trained here from other photos of the
+clips' people and four more.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pipeline import table, video
 
 FPS, SHOT_S, SIZE = 25, 3, 320
 ARGS = ["--video-fps", "2", "--video-segment-s", "4", "--no-attributes"]
+BLUR_SIGMA = 5.0       # the face is still found, but its embedding moves (cosine ~0.88 to its neighbours)
+BLURRED_S = 1.0        # the sample at 1 s of blurred.mp4 (frames 20-30 blurred)
+TRAIN = ["Andre_Agassi", "Ariel_Sharon", "Colin_Powell", "Hugo_Chavez", "Jack_Straw", "Laura_Bush"]
 
 
 def _frames(photo: Path, n: int, rng: np.random.Generator):
@@ -33,7 +38,9 @@ def _frames(photo: Path, n: int, rng: np.random.Generator):
         yield cv2.warpAffine(img, m, (SIZE, SIZE), borderMode=cv2.BORDER_REFLECT)
 
 
-def make_clip(path: Path, photos: list[Path], seed: int = 0, codec: str = "libx264") -> None:
+def make_clip(path: Path, photos: list[Path], seed: int = 0, codec: str = "libx264",
+              blur: range = range(0)) -> None:
+    """``blur``: frame numbers blurred hard (Gaussian, sigma 5 px on a 320 px frame)."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -42,8 +49,12 @@ def make_clip(path: Path, photos: list[Path], seed: int = 0, codec: str = "libx2
         s.width = s.height = SIZE
         s.pix_fmt = "yuv420p"
         s.options = {"g": "25"}   # a keyframe a second: seeking has somewhere to land
+        n = 0
         for photo in photos:
             for rgb in _frames(photo, FPS * SHOT_S, rng):
+                if n in blur:
+                    rgb = cv2.GaussianBlur(rgb, (0, 0), BLUR_SIGMA)
+                n += 1
                 for pkt in s.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                     out.mux(pkt)
         for pkt in s.encode():
@@ -56,6 +67,7 @@ def clips(data_dir, tmp_path_factory):
     a = sorted((data_dir / "identities" / "Andre_Agassi").glob("*.jpg"))[2]   # one face in the picture
     b = sorted((data_dir / "identities" / "Ariel_Sharon").glob("*.jpg"))[0]
     make_clip(root / "cut.mp4", [a, b])
+    make_clip(root / "blurred.mp4", [a, b], seed=1, blur=range(20, 31))   # only the 1 s sample is blurred
     data = (root / "cut.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(data[: int(len(data) * 0.4)])
     (root / "notes.mp4").write_text("this is not a video\n")
@@ -79,20 +91,82 @@ def test_sampling_seeks_and_keeps_the_requested_times(clips):
     assert not bad.opened and bad.error
 
 
+def test_tracks_bridge_one_degraded_frame_but_not_a_cut():
+    """A face at the same place that looks a bit less like itself for one frame (a blur:
+    cosine 0.88) stays in the track; someone else there for a frame, or for good, does not."""
+    rng = np.random.default_rng(0)
+    a, other = rng.normal(size=(2, 128))
+    a /= np.linalg.norm(a)
+    other -= (other @ a) * a
+    other /= np.linalg.norm(other)
+
+    def like(cos: float) -> np.ndarray:   # a unit vector at this cosine to a
+        return (cos * a + math.sqrt(1 - cos**2) * other).astype(np.float32)[None]
+
+    box = np.array([[100, 100, 80, 80]], np.float32)
+    tracks = lambda embs: [int(i[0]) for i in video.link_frames([(box, e) for e in embs])]  # noqa: E731
+    assert tracks([like(1), like(1), like(0.88), like(1), like(1)]) == [0, 0, 0, 0, 0]
+    assert tracks([like(1), like(1), like(0.6), like(1), like(1)]) == [0, 0, 1, 0, 0]
+    assert tracks([like(1), like(1), like(0.88), like(0.88), like(0.88)]) == [0, 0, 1, 1, 1]
+    far = np.array([[220, 220, 80, 80]], np.float32)   # the blurred face elsewhere in the frame
+    assert [int(i[0]) for i in video.link_frames([(box, like(1)), (box, like(1)), (far, like(0.88)),
+                                                  (box, like(1))])] == [0, 0, 1, 0]
+
+
 def _read(out: Path) -> pa.Table:
     return pads.dataset(str(out), format="parquet").to_table()
 
 
 @pytest.fixture(scope="module")
-def scored(ray_cluster, clips, tmp_path_factory):
+def bundle(data_dir, tmp_path_factory) -> str:
+    """An identity bundle trained from the identities' photos (8 a person, not the clips'):
+    real embeddings, a linear head fitted here and open-set thresholds from
+    ``calibrate_open_set``, like train_classifier.py's but without its Ray Train fit
+    (~60 s on 2 cores; this takes ~10 s)."""
+    import torch
+
+    from pipeline.embed import Embedder
+    from pipeline.faces import FaceDetector
+    from pipeline.heads import ModelBundle, TaskSpec, build_heads, calibrate_open_set, class_centroids
+    from pipeline.photos import analyse_photo
+    from pipeline.settings import Settings
+
+    detector, embed = FaceDetector.from_settings(Settings()), Embedder()
+    x, y = [], []
+    for k, name in enumerate(TRAIN):
+        for f in sorted((data_dir / "identities" / name).glob("*.jpg"))[3:11]:
+            faces = analyse_photo(f.read_bytes(), detector, 10**8)
+            if faces.faces:
+                x.append(embed(faces.chips[faces.main:faces.main + 1])[0])
+                y.append(k)
+    x, y = np.stack(x).astype(np.float32), np.array(y)
+    spec = TaskSpec("identity", "classification", TRAIN, open_set=True, exclusive=True)
+    heads = build_heads([spec])
+    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+    torch.manual_seed(0)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(heads["identity"](torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        opt.step()
+    cents = class_centroids(x, y, len(TRAIN))
+    cal = calibrate_open_set(ModelBundle.in_memory([spec], heads.state_dict(), {"identity": cents}).raw(x)["identity"],
+                             x, y, cents)
+    spec.min_prob, spec.max_dist = cal.min_prob, cal.max_dist
+    out = str(tmp_path_factory.mktemp("bundle"))
+    ModelBundle.write(out, [spec], heads.state_dict(), {"identity": cents}, {})
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored(ray_cluster, clips, bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "out"
-    assert score_directory.main(["--input", str(clips["root"]), "--output", str(out), *ARGS]) == 0
+    assert score_directory.main(["--input", str(clips["root"]), "--output", str(out), "--model", bundle, *ARGS]) == 0
     return out
 
 
 def test_video_rows_tracks_and_statuses(scored, clips, capsys):
     t = _read(scored)
-    assert t.schema.equals(table.prediction_schema(), check_metadata=False)
+    assert t.schema.equals(table.prediction_schema([("identity", "classification")]), check_metadata=False)
     rows = t.to_pylist()
     by = {}
     for r in rows:
@@ -110,6 +184,7 @@ def test_video_rows_tracks_and_statuses(scored, clips, capsys):
         e = np.array(r["embedding"])
         closer_a = e @ emb_a > e @ emb_b
         assert closer_a == (r["timestamp_s"] < SHOT_S), r["timestamp_s"]
+    assert [r["identity"] for r in cut] == ["Andre_Agassi"] * 6 + ["Ariel_Sharon"] * 6
     tracks = [r["track_id"] for r in cut]
     # one track per person per shot; segment 1 (from 4 s) starts new ids
     assert len(set(tracks[:6])) == 1 and len(set(tracks[6:8])) == 1 and len(set(tracks[8:])) == 1
@@ -124,7 +199,25 @@ def test_video_rows_tracks_and_statuses(scored, clips, capsys):
     assert [r["status"] for r in by["notes.mp4"]] == ["decode_error"] and by["notes.mp4"][0]["error"]
 
 
-def test_resume_scores_each_video_segment_exactly_once(scored, clips, tmp_path, capsys):
+def test_a_blurred_frame_keeps_its_track_and_its_name(scored, bundle):
+    """One hard-blurred sample inside a shot: alone its face is ``unknown`` (too far from
+    Agassi's centroid for the open-set threshold); it stays in the shot's track and takes
+    the track's name, decided on the track's mean embedding, with the track's score."""
+    from pipeline.heads import ModelBundle
+
+    t = _read(scored)
+    rows = sorted((r for r in t.to_pylist() if r["image_uri"].endswith("/blurred.mp4")), key=lambda r: r["timestamp_s"])
+    assert [r["timestamp_s"] for r in rows] == pytest.approx([k / 2 for k in range(12)], abs=0.05)
+    shot = rows[:2 * SHOT_S]
+    blurred = next(r for r in shot if abs(r["timestamp_s"] - BLURRED_S) < 0.05)
+    alone = ModelBundle.load(bundle).predict(np.array([blurred["embedding"]], np.float32), np.zeros(1))["identity"][0][0]
+    assert alone != "Andre_Agassi"   # the per-face decision would rename (or lose) him
+    assert len({r["track_id"] for r in shot}) == 1
+    assert [r["identity"] for r in rows] == ["Andre_Agassi"] * 6 + ["Ariel_Sharon"] * 6
+    assert len({r["identity_score"] for r in shot}) == 1 and shot[0]["identity_score"] > 0.5
+
+
+def test_resume_scores_each_video_segment_exactly_once(scored, clips, bundle, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     t = _read(scored)
@@ -135,10 +228,10 @@ def test_resume_scores_each_video_segment_exactly_once(scored, clips, tmp_path, 
     late = pc.and_(cut, pc.greater_equal(pc.fill_null(t.column("timestamp_s"), 0), 4.0))
     pq.write_table(t.filter(pc.invert(late)), part / "part-earlier-00000.parquet")
     capsys.readouterr()
-    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", *ARGS]) == 0
+    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", "--model", bundle, *ARGS]) == 0
     assert "videos scored: 1" in capsys.readouterr().out   # only cut.mp4's missing segment
     again = _read(part)
     key = lambda r: (r["image_uri"], r["timestamp_s"], r["face_index"], r["status"])  # noqa: E731
     assert sorted(map(key, again.to_pylist()), key=str) == sorted(map(key, t.to_pylist()), key=str)
-    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", *ARGS]) == 0
+    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", "--model", bundle, *ARGS]) == 0
     assert _read(part).num_rows == again.num_rows   # nothing left to do: nothing written twice
