@@ -22,7 +22,9 @@
   (``_bridge_gaps``).  Tracks restart at segment boundaries: ids are
   ``segment * TRACK_STRIDE + k``, so they stay unique within a video, but one person
   crossing a boundary gets two ids (segments are scored by different actors and committed
-  as separate parts, so no actor sees both sides).
+  as separate parts, so no actor sees both sides; rewriting committed parts after the job
+  would break ``--resume``'s one-part-per-task rule).  ``join_segments(table)`` is the
+  reader's post-pass that joins them across boundaries.
 * **Identities per track** (``decide_tracks``): with a bundle, open-set classification
   tasks (identities) are decided once per track on its mean embedding and written to all
   its faces, score included; other tasks and the built-in attributes stay per face.
@@ -399,6 +401,65 @@ def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
         scores[faces] = score[track_of]
         out[s.name] = (labels, scores)
     return out
+
+
+def join_segments(t: pa.Table) -> pa.Array:
+    """Video-wide track ids for the rows of a prediction table (needs ``image_uri``,
+    ``timestamp_s``, ``track_id``, ``bbox``, ``embedding``): a track starting a segment
+    continues the track that ended the segment before when they are at most ``TRACK_GAP``
+    samples apart and pass ``link_frames``' test (cosine and IoU of the last and first
+    faces); joined tracks take the first one's id.  A reader's post-pass: the job writes
+    segment-scoped ``track_id`` (each segment is scored and committed on its own), this
+    gives the ids a person keeps across boundaries.  Null where ``track_id`` is null."""
+    tid = t.column("track_id").to_pylist()
+    uris = t.column("image_uri").to_pylist()
+    times = t.column("timestamp_s").to_pylist()
+    boxes, embs = t.column("bbox").to_pylist(), t.column("embedding").to_pylist()
+    ends: dict[tuple[str, int], dict] = {}   # (video, track) → first/last face
+    for i, (u, k, ts) in enumerate(zip(uris, tid, times)):
+        if k is None:
+            continue
+        e = ends.setdefault((u, k), {"first": i, "last": i})
+        if ts < times[e["first"]]:
+            e["first"] = i
+        if ts > times[e["last"]]:
+            e["last"] = i
+    video_times: dict[str, list[float]] = {}
+    for u, ts in zip(uris, times):
+        if ts is not None:
+            video_times.setdefault(u, []).append(ts)
+    box = lambda i: np.array([[boxes[i][c] for c in ("x", "y", "w", "h")]], np.float32)  # noqa: E731
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+    for u in {u for u, _ in ends}:
+        steps = np.diff(np.unique(video_times[u]))
+        reach = (TRACK_GAP + 1) * (float(np.median(steps)) if len(steps) else 0.0) + 1e-3
+        segs = sorted({k // TRACK_STRIDE for v, k in ends if v == u})
+        for s in segs[:-1]:
+            enders = [k for v, k in ends if v == u and k // TRACK_STRIDE == s]
+            starters = [k for v, k in ends if v == u and k // TRACK_STRIDE == s + 1]
+            pairs = []
+            for a in enders:
+                ia = ends[(u, a)]["last"]
+                for b in starters:
+                    ib = ends[(u, b)]["first"]
+                    if not 0 < times[ib] - times[ia] <= reach:
+                        continue
+                    cos = float(np.dot(embs[ia], embs[ib]))
+                    iou = float(_iou(box(ia), box(ib))[0, 0])
+                    if cos >= SAME_FACE_COS and (iou >= MIN_IOU or cos >= SURE_FACE_COS):
+                        pairs.append((cos + 0.5 * iou, a, b))
+            used_a, used_b = set(), set()
+            for _, a, b in sorted(pairs, reverse=True):
+                if a not in used_a and b not in used_b:
+                    used_a.add(a), used_b.add(b)
+                    parent[(u, b)] = (u, a)
+
+    def root(key: tuple[str, int]) -> int:
+        while key in parent:
+            key = parent[key]
+        return key[1]
+
+    return pa.array([None if k is None else root((u, k)) for u, k in zip(uris, tid)], pa.int32())
 
 
 def done_segments(existing: pa.Table, manifest: pa.Table) -> np.ndarray:

@@ -190,6 +190,10 @@ def test_video_rows_tracks_and_statuses(scored, clips, capsys):
     assert len(set(tracks[:6])) == 1 and len(set(tracks[6:8])) == 1 and len(set(tracks[8:])) == 1
     assert len({tracks[0], tracks[6], tracks[8]}) == 3
     assert tracks[8] // video.TRACK_STRIDE == 1
+    # the reader's post-pass joins B's two tracks across the 4 s boundary, and nothing else
+    joined = video.join_segments(pa.Table.from_pylist(cut)).to_pylist()
+    assert joined == [tracks[0]] * 6 + [tracks[6]] * 6
+    assert video.join_segments(t).null_count == t.column("track_id").null_count
 
     trunc = sorted(by["truncated.mp4"], key=lambda r: r["timestamp_s"])
     ok = [r for r in trunc if r["status"] == "ok"]
