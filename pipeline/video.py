@@ -264,28 +264,31 @@ def _bridge_gaps(frames: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarr
     (cosine ≥ ``GAP_FACE_COS``).  A blurred or noisy frame inside a shot (cosine ~0.88 to
     its neighbours, under ``SAME_FACE_COS``) then stays in the person's track, while a cut
     to someone else, which lasts, does not.  Ids are renumbered by first appearance."""
-    where: dict[int, list[tuple[int, int]]] = {}   # track → [(frame, face)]
+    where: dict[int, list[tuple[int, int]]] = {}   # track → [(frame, face)] in time order
     for n, frame_ids in enumerate(ids):
         for f, t in enumerate(frame_ids):
             where.setdefault(int(t), []).append((n, f))
+    if len(where) < 2:
+        return ids
+    first = np.array([where[t][0][0] for t in range(len(where))])
+    last = np.array([where[t][-1][0] for t in range(len(where))])
     merged: dict[int, int] = {}
-    for t, faces in where.items():
-        first, last = faces[0][0], faces[-1][0]
-        if last - first >= TRACK_GAP:
-            continue
+    for t in np.flatnonzero(last - first < TRACK_GAP):
+        t = int(t)
         best = None
-        for u, other in where.items():
-            u_frames = [n for n, _ in other]
-            before = [p for p in other if p[0] < first]
-            after = [p for p in other if p[0] > last]
-            if u == t or not before or not after or after[0][0] - before[-1][0] > TRACK_GAP + 1 \
-                    or any(first <= n <= last for n in u_frames) or u in merged:
+        for u in np.flatnonzero((first < first[t]) & (last > last[t])):   # tracks around t
+            u = int(u)
+            if u in merged:
                 continue
-            ends = [before[-1], after[0]]
-            box_u = np.stack([frames[n][0][f] for n, f in ends])
-            emb_u = np.stack([frames[n][1][f] for n, f in ends])
-            box_t = np.stack([frames[n][0][f] for n, f in faces])
-            emb_t = np.stack([frames[n][1][f] for n, f in faces])
+            other = where[u]
+            k = next(i for i, (n, _) in enumerate(other) if n >= first[t])
+            before, after = other[k - 1], other[k]
+            if after[0] <= last[t] or after[0] - before[0] > TRACK_GAP + 1:
+                continue   # u is seen while t is, or its gap is longer than a track waits
+            box_u = np.stack([frames[n][0][f] for n, f in (before, after)])
+            emb_u = np.stack([frames[n][1][f] for n, f in (before, after)])
+            box_t = np.stack([frames[n][0][f] for n, f in where[t]])
+            emb_t = np.stack([frames[n][1][f] for n, f in where[t]])
             cos = emb_t @ emb_u.T
             if (cos >= GAP_FACE_COS).all() and (_iou(box_t, box_u) >= GAP_IOU).all():
                 if best is None or cos.mean() > best[0]:
@@ -294,6 +297,7 @@ def _bridge_gaps(frames: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarr
             merged[t] = best[1]
     if not merged:
         return ids
+
     def root(t: int) -> int:
         while t in merged:
             t = merged[t]
