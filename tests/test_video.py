@@ -214,7 +214,8 @@ def test_a_blurred_frame_keeps_its_track_and_its_name(scored, bundle):
     assert [r["timestamp_s"] for r in rows] == pytest.approx([k / 2 for k in range(12)], abs=0.05)
     shot = rows[:2 * SHOT_S]
     blurred = next(r for r in shot if abs(r["timestamp_s"] - BLURRED_S) < 0.05)
-    alone = ModelBundle.load(bundle).predict(np.array([blurred["embedding"]], np.float32), np.zeros(1))["identity"][0][0]
+    alone = ModelBundle.load(bundle).predict(np.array([blurred["embedding"]], np.float32),
+                                             np.zeros(1))["identity"][0][0]
     assert alone != "Andre_Agassi"   # the per-face decision would rename (or lose) him
     assert len({r["track_id"] for r in shot}) == 1
     assert [r["identity"] for r in rows] == ["Andre_Agassi"] * 6 + ["Ariel_Sharon"] * 6
@@ -232,10 +233,11 @@ def test_resume_scores_each_video_segment_exactly_once(scored, clips, bundle, tm
     late = pc.and_(cut, pc.greater_equal(pc.fill_null(t.column("timestamp_s"), 0), 4.0))
     pq.write_table(t.filter(pc.invert(late)), part / "part-earlier-00000.parquet")
     capsys.readouterr()
-    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", "--model", bundle, *ARGS]) == 0
+    resume = ["--input", str(clips["root"]), "--output", str(part), "--resume", "--model", bundle, *ARGS]
+    assert score_directory.main(resume) == 0
     assert "videos scored: 1" in capsys.readouterr().out   # only cut.mp4's missing segment
     again = _read(part)
     key = lambda r: (r["image_uri"], r["timestamp_s"], r["face_index"], r["status"])  # noqa: E731
     assert sorted(map(key, again.to_pylist()), key=str) == sorted(map(key, t.to_pylist()), key=str)
-    assert score_directory.main(["--input", str(clips["root"]), "--output", str(part), "--resume", "--model", bundle, *ARGS]) == 0
+    assert score_directory.main(resume) == 0
     assert _read(part).num_rows == again.num_rows   # nothing left to do: nothing written twice
