@@ -141,9 +141,9 @@ def bundle(data_dir, tmp_path_factory) -> str:
                 y.append(k)
     x, y = np.stack(x).astype(np.float32), np.array(y)
     spec = TaskSpec("identity", "classification", TRAIN, open_set=True, exclusive=True)
+    torch.manual_seed(0)
     heads = build_heads([spec])
     opt = torch.optim.Adam(heads.parameters(), lr=0.05)
-    torch.manual_seed(0)
     for _ in range(200):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(heads["identity"](torch.from_numpy(x)), torch.from_numpy(y)).backward()
