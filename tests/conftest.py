@@ -41,6 +41,45 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 
+PEOPLE = 5
+
+
+@pytest.fixture(scope="session")
+def people(data_dir) -> dict[str, list[Path]]:
+    """The 5 identities with most photos (sorted), photos sorted by name."""
+    folders = [d for d in sorted((data_dir / "identities").iterdir()) if d.is_dir()]
+    folders.sort(key=lambda d: -len(list(d.glob("*.jpg"))))
+    return {d.name: sorted(d.glob("*.jpg")) for d in sorted(folders[:PEOPLE])}
+
+
+FINETUNE_PER = 14   # photos per person the fine-tuned bundle trains on (the rest are held out)
+
+
+@pytest.fixture(scope="session")
+def tuned_bundle(ray_cluster, people, tmp_path_factory):
+    """``train_classifier.py --finetune last`` as a user runs it, on 5 people × 14 photos,
+    2 workers: (bundle folder, metrics, stdout, training folder, embedding cache)."""
+    import contextlib
+    import io
+    import json
+
+    from jobs.train_classifier import main
+
+    train = tmp_path_factory.mktemp("finetune-train")
+    for name, files in people.items():
+        (train / name).mkdir()
+        for f in files[:FINETUNE_PER]:
+            (train / name / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("finetune-bundle")
+    cache = str(tmp_path_factory.mktemp("finetune-cache"))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--data", str(train), "--output", str(out), "--workers", "2", "--epochs", "15",
+                     "--finetune", "last", "--finetune-epochs", "3", "--cache", cache, "--no-report"])
+    assert code == 0, buf.getvalue()[-3000:]
+    return out, json.loads((out / "metrics.json").read_text()), buf.getvalue(), train, cache
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, local_s3):
     """One local Ray (2 CPUs, small object store) for the whole test run.

@@ -16,21 +16,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 TOKEN = "s3cret-token"
 BUCKET = "serving"
-PEOPLE, TRAIN_PER, HELD_OUT = 5, 8, 2
+from conftest import PEOPLE  # noqa: E402  (the `people` fixture: the 5 with most photos)
+
+TRAIN_PER, HELD_OUT = 8, 2
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def people(data_dir) -> dict[str, list[Path]]:
-    """The 5 identities with most photos (sorted), photos sorted by name."""
-    folders = [d for d in sorted((data_dir / "identities").iterdir()) if d.is_dir()]
-    folders.sort(key=lambda d: -len(list(d.glob("*.jpg"))))
-    return {d.name: sorted(d.glob("*.jpg")) for d in sorted(folders[:PEOPLE])}
 
 
 @pytest.fixture(scope="module")

@@ -275,5 +275,5 @@ def test_misuse_exits_2_with_one_line_reason(ray_cluster, data_dir, tmp_path, ca
     assert main(["--data", str(tmp_path / "missing"), "--output", str(tmp_path / "m")]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["--data", "x", "--output", "y", "--finetune", "last"])
+        main(["--data", "x", "--output", "y", "--finetune", "first"])
     assert exc.value.code == 2
