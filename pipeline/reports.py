@@ -33,7 +33,7 @@ from pipeline.training.outcome import ClassificationResult, RegressionResult, St
 if TYPE_CHECKING:
     from pipeline.heads import TaskSpec
     from pipeline.settings import Settings
-    from pipeline.training.outcome import TrainOutcome
+    from pipeline.training.outcome import Evaluation, TrainOutcome
 
 Z95 = 1.959964
 KNOWN_C, STRANGER_C, STANDIN_C = "tab:blue", "tab:red", "tab:orange"
@@ -239,7 +239,7 @@ def _confusion_png(title: str, cm: np.ndarray, rows: list[str], cols: list[str],
     ax.set_yticks(range(nr), rows, fontsize=_tick_font(nr))
     ax.set_xlabel(xlabel), ax.set_ylabel("true")
     if max(nr, nc) <= 60:
-        font = 9 if max(nr, nc) <= 12 else (7 if max(nr, nc) <= 30 else 6)
+        font = 9 if max(nr, nc) <= 12 else 7
         for i, j in zip(*np.nonzero(cm)):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=font,
                     color="white" if share[i, j] > 0.6 else "black")
@@ -448,7 +448,7 @@ def _open_set_section(name: str, spec: "TaskSpec", d: ClassificationResult,
     return f"<h3>{_esc(name)}: open set</h3>{text}{table}{note}<div class=row>{plots}</div>"
 
 
-def _selection_html(spec: "TaskSpec", rows: list[dict[str, Any]], selection: dict | None) -> str:
+def _selection_html(spec: "TaskSpec", rows: list[dict[str, Any]], history_epochs: int) -> str:
     """Why this head: every candidate's validation figures, the chosen one marked."""
     if not rows:
         return ""
@@ -458,6 +458,9 @@ def _selection_html(spec: "TaskSpec", rows: list[dict[str, Any]], selection: dic
     why = (f"<p>Head chosen: <b>{_esc(spec.head)} on {_esc(spec.features)} features</b> (candidate "
            f"{_esc(chosen['variant'])}), the lowest {crit} among {len(rows)} candidates (head × input features), "
            f"at epoch {chosen['epoch'] + 1}.</p>") if chosen else ""
+    if chosen and history_epochs and chosen["epoch"] + 1 >= history_epochs:
+        why += ("<p class=note>The chosen epoch is the last one run: validation was still improving, so more "
+                "<code>--epochs</code> may give a better model.</p>")
     body = [[("<b>" + _esc(r["variant"]) + " ✔</b>") if r["chosen"] else _esc(r["variant"]),
              str(r["epoch"] + 1), _num(r["criterion"], 4), _num(r["loss"], 4),
              (_pct(r["metric"]) if cls else _num(r["metric"], 2))] for r in rows]
@@ -465,7 +468,7 @@ def _selection_html(spec: "TaskSpec", rows: list[dict[str, Any]], selection: dic
                         body, "num")
 
 
-def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]]) -> str:
+def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]], stage: str = "heads") -> str:
     """Loss and metric per epoch: validation for every candidate head of the task (one
     colour each, the chosen one bold), the training loss beside it, the chosen epoch marked.
     The training loss is the weighted sum over every task and candidate head (what the
@@ -499,12 +502,14 @@ def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]
         ax.set_xlabel("epoch")
         if chosen_epoch is not None:
             ax.axvline(chosen_epoch, color="k", lw=1, ls=":")
-            ax.text(chosen_epoch, 1.01, f"chosen epoch {chosen_epoch}", transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8)
+            near_end = chosen_epoch > 0.8 * ep.max() and ep.max() > 1   # keep the label inside the frame
+            ax.text(chosen_epoch, 1.01, f"chosen epoch {chosen_epoch} ", transform=ax.get_xaxis_transform(),
+                    ha="right" if near_end else "center", va="bottom", fontsize=8)
     a_loss.set_ylabel("validation loss"), a_met.set_ylabel("validation " + ("accuracy" if cls else "MAE"))
     if cls:
         a_met.set_ylim(top=1.01)
-    a_loss.set_title(f"{spec.name}: loss", pad=14), a_met.set_title(f"{spec.name}: validation metric", pad=14)
+    a_loss.set_title(f"{spec.name}: loss ({stage})", pad=14)
+    a_met.set_title(f"{spec.name}: validation metric ({stage})", pad=14)
     fig.tight_layout()
     a_met.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8,
                  frameon=False)
@@ -527,8 +532,13 @@ def headline(spec: "TaskSpec", d: ClassificationResult | RegressionResult, train
             out.update(open_set_accuracy=ko / n if n else float("nan"), open_set_accuracy_ci=wilson(ko, n))
         return out
     mae = float(np.abs(d.pred - d.true).mean()) if n else float("nan")
-    return {"faces": n, "mae": mae, "mae_ci": bootstrap_mae(d.true, d.pred), "baseline": regression_baseline(spec, d.true),
+    return {"faces": n, "mae": mae, "mae_ci": bootstrap_mae(d.true, d.pred),
+            "baseline": regression_baseline(spec, d.true),
             "val_mae": chosen["metric"] if chosen else None}
+
+
+HEADLINE = ["task", "test faces", "model on test [95 % CI]", "baselines on the same faces",
+            "validation (chosen head, best epoch)", "head"]
 
 
 def _headline_row(spec: "TaskSpec", h: dict[str, Any]) -> list[str]:
@@ -553,14 +563,16 @@ def _headline_row(spec: "TaskSpec", h: dict[str, Any]) -> list[str]:
             _esc(f"{spec.head}+{spec.features}")]
 
 
-def _task_section(spec: "TaskSpec", ev, d, history: list[dict], rows: list[dict[str, Any]], h: dict[str, Any],
-                  selection: dict | None, thumbs: dict[tuple[str, int | None], str]) -> str:
-    """Everything about one task: figures, validation and selection, curves, plots."""
+def _task_section(spec: "TaskSpec", ev: "Evaluation", d: ClassificationResult | RegressionResult,
+                  rows: list[dict[str, Any]], h: dict[str, Any] | None,
+                  thumbs: dict[tuple[str, int | None], str]) -> str:
+    """Everything about one task: its figures (``h``; None when the page's overview table
+    already shows this only task), validation and selection, curves, test plots."""
+    history = ev.history
     kind = f"classification, {len(spec.labels)} classes" if spec.kind == CLASSIFICATION else "regression"
     parts = [f"<h2>{_esc(spec.name)} ({kind}, head {_esc(spec.head)} on {_esc(spec.features)} features)</h2>",
-             _table(["task", "test faces", "model on test [95 % CI]", "baselines on the same faces",
-                     "validation (chosen head)", "head"], [_headline_row(spec, h)], "num"),
-             "<h3>validation and head selection</h3>", _selection_html(spec, rows, selection)]
+             _table(HEADLINE, [_headline_row(spec, h)], "num") if h is not None else "",
+             "<h3>validation and head selection</h3>", _selection_html(spec, rows, len(history))]
     if history and rows:
         parts.append(_img(_curves_png(spec, history, rows), "learning curves"))
     parts.append("<h3>test</h3>")
@@ -636,6 +648,48 @@ def _strangers_html(m: dict) -> str:
     return out
 
 
+def _bundle_validation(m: dict, spec: "TaskSpec", rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation rows behind the bundle's figure: the head fit's, or after
+    ``--finetune`` the fine-tuning's at its best epoch (the weights the bundle holds)."""
+    ft = m.get("finetune") or {}
+    if not ft.get("history"):
+        return rows
+    chosen = {"variant": m.get("selection", {}).get(spec.name, {}).get("variant"), "best_epoch": ft.get("best_epoch")}
+    return validation_rows(spec, ft["history"], chosen) or rows
+
+
+def _finetune_html(outcome: "TrainOutcome", heads: dict[str, dict[str, Any]]) -> str:
+    """With ``--finetune``: the frozen-feature heads (step 1) vs this bundle on the same test
+    faces, and the fine-tuning's own curves (validation of the chosen heads, best epoch)."""
+    ft = outcome.metrics.get("finetune")
+    if not ft:
+        return ""
+    ev = outcome.evaluation
+    rows = []
+    for s in ev.specs:
+        f, h = ft.get("frozen_test", {}).get(s.name, {}), heads[s.name]
+        if s.kind == CLASSIFICATION:
+            k = round(f.get("accuracy", float("nan")) * f.get("faces", 0)) if _finite(f.get("accuracy")) else 0
+            rows.append([_esc(s.name), "accuracy", _pct(f.get("accuracy")) + _ci_pct(*wilson(k, f.get("faces", 0))),
+                         _pct(h["accuracy"]) + _ci_pct(*h["accuracy_ci"])])
+        else:
+            lo, hi = h["mae_ci"]
+            rows.append([_esc(s.name), "MAE", _num(f.get("mae"), 2),
+                         f"{_num(h['mae'], 2)} [{_num(lo, 2)}–{_num(hi, 2)}]"])
+    best = int(ft.get("best_epoch", -1))
+    out = [f"<h2>fine-tuning ({_esc(ft.get('mode'))})</h2><p>The backbone was trained with the chosen heads for "
+           f"{ft.get('epochs_run')} epochs ({_num(ft.get('seconds'), 1)} s); the weights of epoch {best + 1} (the best "
+           f"mean validation criterion) are in the bundle.</p>",
+           _table(["task", "test figure", "frozen features (step 1)", "fine-tuned (this bundle) [95 % CI]"], rows,
+                  "num")]
+    history = ft.get("history") or []
+    for s in ev.specs:
+        vrows = _bundle_validation(outcome.metrics, s, [])
+        if history and vrows:
+            out.append(_img(_curves_png(s, history, vrows, "fine-tuning"), f"fine-tuning curves {s.name}"))
+    return "".join(out)
+
+
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 8px}
 img{max-width:100%;display:block;margin:6px 0}
 table{border-collapse:collapse;margin:6px 0}
@@ -643,7 +697,7 @@ td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;font-size:13px;verti
 table.num td{font-variant-numeric:tabular-nums}
 .row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.row img{max-width:100%}
 .thumbs{display:flex;flex-wrap:wrap;gap:16px}
-figure{margin:0;font-size:12px;width:150px}figcaption{word-break:break-all;line-height:1.3}
+figure{margin:0;font-size:12px;width:150px}figcaption{line-height:1.3}figcaption small{word-break:break-all}
 .note{color:#555;font-size:13px}h2{margin-top:1.6em;border-bottom:1px solid #ddd}"""
 
 
@@ -666,22 +720,23 @@ def write_report(output_uri: str, outcome: "TrainOutcome", settings: "Settings",
         log(f"report: thumbnails skipped ({type(exc).__name__}: {exc})")
         thumbs = {}
     selection = m.get("selection", {})
-    overview, sections = [], []
+    overview, sections, heads = [], [], {}
     for s in ev.specs:
         d = ev.test[s.name]
         rows = validation_rows(s, ev.history, selection.get(s.name))
-        h = headline(s, d, ev.train_counts[s.name], rows)
+        h = heads[s.name] = headline(s, d, ev.train_counts[s.name], _bundle_validation(m, s, rows))
         overview.append(_headline_row(s, h))
-        sections.append(_task_section(s, ev, d, ev.history, rows, h, selection.get(s.name), thumbs))
+        sections.append(_task_section(s, ev, d, rows, h if len(ev.specs) > 1 else None, thumbs))
     summary = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in _summary_rows(outcome).items())
-    tasks = _table(["task", "test faces", "model on test [95 % CI]", "baselines on the same faces",
-                    "validation (chosen head)", "head"], overview, "num")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>faceray model {_esc(outcome.meta['model_version'])}</title>
+    tasks = _table(HEADLINE, overview, "num")
+    title = f"faceray model {_esc(outcome.meta['model_version'])}"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>{STYLE}</style></head><body>
 <h1>faceray model report</h1><table>{summary}</table>
 <h2>tasks at a glance</h2>{tasks}<p class=note>Intervals: 95 %, Wilson score for accuracies and shares,
 percentile bootstrap (2,000 resamples, seed 0) for MAE. Baselines ignore the face: uniform guessing, always the most
-frequent training class, or the training mean.</p>{_strangers_html(m)}{''.join(sections)}
+frequent training class, or the training mean.</p>{_strangers_html(m)}{_finetune_html(outcome, heads)}
+{''.join(sections)}
 </body></html>"""
     fs, path = storage.resolve(output_uri)
     with fs.open_output_stream(f"{path}/report.html") as f:
