@@ -244,7 +244,7 @@ def _confusion_png(title: str, cm: np.ndarray, rows: list[str], cols: list[str],
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=font,
                     color="white" if share[i, j] > 0.6 else "black")
     bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    bar.set_label("share of the row's faces (cells: counts)")
+    bar.set_label("share of the row (cells: counts)")
     ax.set_title(title)
     return _png(fig)
 
@@ -471,8 +471,9 @@ def _selection_html(spec: "TaskSpec", rows: list[dict[str, Any]], history_epochs
 def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]], stage: str = "heads") -> str:
     """Loss and metric per epoch: validation for every candidate head of the task (one
     colour each, the chosen one bold), the training loss beside it, the chosen epoch marked.
-    The training loss is the weighted sum over every task and candidate head (what the
-    optimiser sees), so it has its own axis."""
+    With per-head training losses in the history (``train_<task@variant>_loss``) the chosen
+    head's is drawn on the validation loss's axis; otherwise the only training loss is the
+    weighted sum over every task and candidate head (what the optimiser sees), on its own axis."""
     plt = _plt()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -480,12 +481,8 @@ def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]
     cls = spec.kind == CLASSIFICATION
     ep = np.array([h.get("epoch", i) for i, h in enumerate(history)]) + 1
     fig, (a_loss, a_met) = plt.subplots(1, 2, figsize=(11.5, 3.6))
-    a_train = a_loss.twinx()
-    a_train.plot(ep, [h.get("train_loss", np.nan) for h in history], color="0.35", lw=1.5, ls="-.")
-    a_train.set_ylabel("train loss (all heads, weighted sum)", color="0.35")
-    a_train.tick_params(axis="y", colors="0.35")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    handles, chosen_epoch = [], None
+    handles, chosen_epoch, per_head_train = [], None, False
     for k, r in enumerate(rows):
         v, c = r["variant"], colours[k % len(colours)]
         lw, ls = (2.4, "-") if r["chosen"] else (1.0, "--")
@@ -494,9 +491,19 @@ def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]
         a_met.plot(ep, [h.get(key + ("acc" if cls else "mae"), np.nan) for h in history], color=c, lw=lw, ls=ls)
         handles.append(Line2D([], [], color=c, lw=lw, ls=ls, label=f"validation, {v}" + (" (chosen)" if r["chosen"]
                                                                                           else "")))
+        train_key = f"train_{spec.name}@{v}_loss"
         if r["chosen"]:
             chosen_epoch = r["epoch"] + 1
-    handles.append(Line2D([], [], color="0.35", lw=1.5, ls="-.", label="train (all heads, weighted sum)"))
+            if any(train_key in h for h in history):
+                per_head_train = True
+                a_loss.plot(ep, [h.get(train_key, np.nan) for h in history], color=c, lw=1.5, ls="-.")
+                handles.append(Line2D([], [], color=c, lw=1.5, ls="-.", label=f"train, {v} (chosen)"))
+    if not per_head_train:
+        a_train = a_loss.twinx()
+        a_train.plot(ep, [h.get("train_loss", np.nan) for h in history], color="0.35", lw=1.5, ls="-.")
+        a_train.set_ylabel("train loss (all heads, weighted sum)", color="0.35")
+        a_train.tick_params(axis="y", colors="0.35")
+        handles.append(Line2D([], [], color="0.35", lw=1.5, ls="-.", label="train (all heads, weighted sum)"))
     for ax in (a_loss, a_met):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -505,7 +512,7 @@ def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]
             near_end = chosen_epoch > 0.8 * ep.max() and ep.max() > 1   # keep the label inside the frame
             ax.text(chosen_epoch, 1.01, f"chosen epoch {chosen_epoch} ", transform=ax.get_xaxis_transform(),
                     ha="right" if near_end else "center", va="bottom", fontsize=8)
-    a_loss.set_ylabel("validation loss"), a_met.set_ylabel("validation " + ("accuracy" if cls else "MAE"))
+    a_loss.set_ylabel("train / validation loss" if per_head_train else "validation loss"), a_met.set_ylabel("validation " + ("accuracy" if cls else "MAE"))
     if cls:
         a_met.set_ylim(top=1.01)
     a_loss.set_title(f"{spec.name}: loss ({stage})", pad=14)
