@@ -384,7 +384,8 @@ def _distance_png(name: str, spec: "TaskSpec", known: np.ndarray, other: np.ndar
         ticks = [t for t in ax.get_xticks() if bins[0] <= t <= bins[-1]]
         ax.set_xticks([*ticks, over_x], [f"{t:.2f}" for t in ticks] + [f"p < {spec.min_prob:.2f}"])
         ax.set_xlim(bins[0] - width, over_x + 2 * width)
-    ax.set_xlabel("cosine distance to the nearest class centroid with p ≥ min_prob")
+    ax.set_xlabel("cosine distance to the nearest class centroid"
+                  + (" with p ≥ min_prob" if spec.min_prob > 0 else ""))
     ax.set_ylabel("faces")
     _integer_axis(ax.yaxis)
     ax.set_title(f"{name}: accepted left of the threshold, unknown right of it")
@@ -402,8 +403,12 @@ def _roc_png(name: str, spec: "TaskSpec", known: np.ndarray, other: np.ndarray, 
     op_far = float((other <= spec.max_dist).mean()) if len(other) else float("nan")
     op_tar = float((known <= spec.max_dist).mean()) if len(known) else float("nan")
     ax.plot([op_far], [op_tar], "o", color="k", label=f"max_dist {spec.max_dist:.3f}")
-    ax.plot([0, 1], [0, 1], color="tab:gray", lw=0.8, ls=":", label="chance")
-    ax.set_xlim(-0.02, 1.02), ax.set_ylim(-0.02, 1.02)
+    chance = np.linspace(0, 1, 200)
+    ax.plot(chance, chance, color="tab:gray", lw=0.8, ls=":", label="chance")
+    # strangers accepted on a log-like axis: the useful thresholds accept a few per cent of them
+    ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
+    ax.set_xlim(0, 1.05), ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks([0, 0.01, 0.03, 0.1, 0.3, 1], ["0", "0.01", "0.03", "0.1", "0.3", "1"])
     ax.set_xlabel(f"{what} accepted (false accept rate)"), ax.set_ylabel("known faces accepted")
     ax.set_title(f"{name}: ROC (min_prob {spec.min_prob:.2f} fixed)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
@@ -430,10 +435,11 @@ def _open_set_section(name: str, spec: "TaskSpec", d: ClassificationResult,
     else:
         rows.append(["strangers accepted", "not measured",
                      "no faces of untrained people given (<code>--unknown</code> or the people layout's strangers)"])
-    text = (f"<p>Open set: a face gets a class only if that class has probability ≥ {spec.min_prob:.3f} "
-            f"and its centroid (mean training embedding) is within cosine distance {spec.max_dist:.3f}; "
-            f"otherwise it is <code>unknown</code>. The distance drawn below is, per face, that of the nearest "
-            f"centroid among the classes probable enough.</p>")
+    prob = (f"that class has probability ≥ {spec.min_prob:.3f} and " if spec.min_prob > 0 else "")
+    among = " among the classes probable enough" if spec.min_prob > 0 else ""
+    text = (f"<p>Open set: a face gets a class only if {prob}its centroid (mean training embedding) is within "
+            f"cosine distance {spec.max_dist:.3f}; otherwise it is <code>unknown</code>. The distance drawn below "
+            f"is, per face, that of the nearest centroid{among}.</p>")
     table = _table(["", "count", "share [95 % CI]"], rows, "num")
     known, other, what = _open_set_data(d, strangers)
     if not len(known):
@@ -512,7 +518,8 @@ def _curves_png(spec: "TaskSpec", history: list[dict], rows: list[dict[str, Any]
             near_end = chosen_epoch > 0.8 * ep.max() and ep.max() > 1   # keep the label inside the frame
             ax.text(chosen_epoch, 1.01, f"chosen epoch {chosen_epoch} ", transform=ax.get_xaxis_transform(),
                     ha="right" if near_end else "center", va="bottom", fontsize=8)
-    a_loss.set_ylabel("train / validation loss" if per_head_train else "validation loss"), a_met.set_ylabel("validation " + ("accuracy" if cls else "MAE"))
+    a_loss.set_ylabel("train / validation loss" if per_head_train else "validation loss")
+    a_met.set_ylabel("validation " + ("accuracy" if cls else "MAE"))
     if cls:
         a_met.set_ylim(top=1.01)
     a_loss.set_title(f"{spec.name}: loss ({stage})", pad=14)
