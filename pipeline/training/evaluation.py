@@ -52,10 +52,15 @@ def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, Classi
 def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_uri: str | None,
                      flip_tta: bool, log: Callable[[str], None]) -> tuple[dict, dict[str, StrangerResult]]:
     """Share of faces of people outside the training set that come out ``unknown``."""
+    tuned = bundle.tuned_backbone is not None   # a fine-tuned bundle embeds the chips with its own backbone
     emb, _ = embed_labelled(storage.list_images(uri), uri, settings, cache_uri, flip_tta, log,
-                            tuple(bundle.feature_sets))
+                            tuple(bundle.feature_sets), chips=tuned)
     ok = emb.filter(pc.is_valid(emb.column("main_face")))
     x = table.embedding_matrix(ok.column("embedding"))
+    if tuned:
+        from pipeline.geometry import DLIB_CHIP
+
+        x = bundle.head_embeddings(table.chip_matrix(ok.column("chip"), DLIB_CHIP.size), x, settings.precision)
     feats = feature_columns(ok, bundle.feature_sets)
     preds = bundle.predict(x, np.arange(len(x)), feats)
     raw = bundle.raw(x, feats)
