@@ -193,7 +193,8 @@ def train_job(timeout: float) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as tmp:
         out = Path(tmp) / "bundle"
         cmd = [sys.executable, "jobs/train_classifier.py", "--data", str(data_dir() / "identities"),
-               "--output", str(out), "--finetune", "last", "--epochs", "1", "--use-gpu", "--workers", "1",
+               "--output", str(out), "--finetune", "last", "--epochs", "1", "--finetune-epochs", "1", "--use-gpu",
+               "--workers", "1",
                "--cache", str(Path(tmp) / "cache"), "--no-report", "--verbose"]
         rc, text, secs = run_cmd(cmd, timeout)
         nccl = sum("NCCL INFO" in ln for ln in text.splitlines())
