@@ -153,7 +153,10 @@ def face_dataset(manifest: pa.Table, input_uri: str, settings: Settings, plan: P
     chunk = max(1, min(256, -(-manifest.num_rows // (4 * plan.crop_actors))))
     video = "segment" in manifest.schema.names and manifest.column("segment").null_count < manifest.num_rows
     uris = manifest.select(["image_uri", "segment", "segment_start", "segment_end"] if video else ["image_uri"])
-    ds = ray.data.from_arrow([uris.slice(i, chunk) for i in range(0, uris.num_rows, chunk)])
+    # from_blocks, not from_arrow: the block metadata (rows, bytes, schema) comes from the
+    # tables here; from_arrow asks a remote task per block for it, which on a fresh job
+    # first waits for a worker process to start (benchmarks/startup.py)
+    ds = ray.data.from_blocks([uris.slice(i, chunk) for i in range(0, uris.num_rows, chunk)])
     fs = resolve(input_uri)[0]
     if plan.fused:  # a fixed-size pool: every actor starts (imports torch, loads weights) at once
         return ds.map_batches(
