@@ -148,6 +148,42 @@ def _rows_by_photo(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def test_chip_batcher_waits_for_photos_in_detection_not_for_a_lone_one():
+    """A lone request runs at once; requests whose photos are still being detected join the
+    batch; every request gets its own result; an error reaches every request of its batch."""
+    import asyncio
+
+    from serve.deployments import ChipBatcher
+
+    batches: list[list[int]] = []
+
+    async def run(chips):
+        batches.append([int(c[0]) for c in chips])
+        await asyncio.sleep(0.01)
+        if -1 in batches[-1]:
+            raise ValueError("bad batch")
+        return [int(c[0]) * 10 for c in chips]
+
+    async def request(b, k, detect_s):
+        with b.upstream():
+            await asyncio.sleep(detect_s)
+        return await b.submit(np.array([k]))
+
+    async def scenario():
+        b = ChipBatcher(run, max_batch=8, max_wait_s=1.0)
+        assert await b.submit(np.array([7])) == 70          # alone: no wait
+        got = await asyncio.gather(*(request(b, k, 0.005 * k) for k in range(1, 6)))
+        assert got == [10, 20, 30, 40, 50]
+        b2 = ChipBatcher(run, max_batch=2, max_wait_s=1.0)
+        results = await asyncio.gather(*(request(b2, k, 0) for k in (-1, 1, 2)), return_exceptions=True)
+        return results
+
+    results = asyncio.run(scenario())
+    assert batches[0] == [7] and batches[1] == [1, 2, 3, 4, 5], batches   # one batch for the five
+    assert isinstance(results[0], ValueError) and isinstance(results[1], ValueError) and results[2] == 20
+    assert all(len(b) <= 2 for b in batches[2:])
+
+
 def test_faces_match_the_batch_rows(api, scored, bundle):
     from pipeline.heads import ModelBundle
 
