@@ -60,6 +60,7 @@ class LoadResult:
     designed_503: int = 0          # 503 + Retry-After: a full replica, by design
     native_503: int = 0            # of those, Serve's own (plain text) rather than our JSON
     photos_ok: Counter = field(default_factory=Counter)  # 200s per kind
+    cpu_seconds: float = 0.0       # the server side's (local Ray's) CPU time during the run
 
     @property
     def requests(self) -> int:
@@ -159,26 +160,122 @@ async def _client(http, cases: list[Case], weights: list[float], deadline: float
             await asyncio.sleep(min(float(retry), max(0.0, deadline - time.monotonic())))
 
 
-async def _run(base_url: str, cases: list[Case], seconds: float, clients: int, token: str | None) -> LoadResult:
+async def _run(base_urls: list[str], cases: list[Case], seconds: float, clients: int,
+               token: str | None) -> LoadResult:
     import httpx
 
     result = LoadResult(seconds, clients)
     weights = [c.weight for c in cases]
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
+    per = -(-clients // len(base_urls))
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    https = [httpx.AsyncClient(base_url=u, timeout=120, limits=limits) for u in base_urls]
+    try:
         started = time.monotonic()
-        await asyncio.gather(*(_client(http, cases, weights, started + seconds, token, result, random.Random(i))
-                               for i in range(clients)))
+        # client i talks to address i mod n (direct ingress: one per replica, no balancer)
+        await asyncio.gather(*(_client(https[i % len(https)], cases, weights, started + seconds, token, result,
+                                       random.Random(i)) for i in range(clients)))
         result.seconds = time.monotonic() - started
+    finally:
+        for http in https:
+            await http.aclose()
     return result
 
 
-def run_load(base_url: str, cases: list[Case], seconds: float = 30, clients: int = 32,
+def run_load(base_url: str | list[str], cases: list[Case], seconds: float = 30, clients: int = 32,
              token: str | None = None) -> LoadResult:
-    """Drive the endpoint for ``seconds`` with ``clients`` concurrent connections."""
-    if not base_url.startswith(("http://127.", "http://localhost")):
-        raise ValueError(f"loopback only: {base_url}")
-    return asyncio.run(_run(base_url, cases, seconds, clients, token))
+    """Drive the endpoint (one address, or several spread over the clients) for ``seconds``
+    with ``clients`` concurrent connections."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    for u in urls:
+        if not u.startswith(("http://127.", "http://localhost")):
+            raise ValueError(f"loopback only: {u}")
+    return asyncio.run(_run(urls, cases, seconds, clients, token))
+
+
+def direct_ingress_urls(app_name: str) -> list[str]:
+    """Direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): each ingress replica serves
+    HTTP on its own port; their addresses, from the Serve controller, each checked to be
+    listening on 127.0.0.1 only (``ss -ltn``; nothing bound to a wildcard or another address)."""
+    import subprocess
+
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+    targets = [t for g in groups if g.app_name == app_name for t in g.targets]
+    listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout.split("\n")
+    urls = []
+    for t in targets:
+        binds = {line.split()[3].rsplit(":", 1)[0] for line in listening
+                 if len(line.split()) > 3 and line.split()[3].rsplit(":", 1)[1] == str(t.port)}
+        if t.ip != "127.0.0.1" or binds != {"127.0.0.1"}:
+            raise RuntimeError(f"direct ingress replica {t.name} listens on {sorted(binds) or t.ip}:{t.port}, "
+                               "not on 127.0.0.1 only")
+        urls.append(f"http://127.0.0.1:{t.port}")
+    if not urls:
+        raise RuntimeError(f"direct ingress: no replica address for {app_name} ({groups})")
+    return urls
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this process's descendants — the local Ray: GCS,
+    raylet, workers, Serve's proxy and replicas, the batch job's actors — and of this
+    process (the batch job's driver; left out for the endpoint, where it runs the clients).
+    Sampled every ``every`` s and kept after a process ends (Ray Data's actors end with each
+    job), so at most the last ``every`` s of a process that ends is missed.  Photos per
+    CPU-second hardly move with other people's load on the machine; photos/s do."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        import threading
+
+        self.every, self.me, self.tick = every, os.getpid(), os.sysconf("SC_CLK_TCK")
+        self.seen: dict[tuple[int, str], float] = {}
+        self._lock = threading.Lock()
+        self.sample()
+        threading.Thread(target=self._loop, daemon=True, name="cpu-meter").start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.every)
+            self.sample()
+
+    def sample(self) -> None:
+        stats: dict[int, tuple[int, str, float]] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(d.name)] = (int(f[1]), f[19], (int(f[11]) + int(f[12])) / self.tick)
+        kids: dict[int, list[int]] = defaultdict(list)
+        for pid, (ppid, _, _) in stats.items():
+            kids[ppid].append(pid)
+        todo, tree = [self.me], []
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += kids[pid]
+        with self._lock:
+            for pid in tree:
+                key = (pid, stats[pid][1])   # pid and start time: a reused pid is another process
+                self.seen[key] = max(self.seen.get(key, 0.0), stats[pid][2])
+
+    def total(self, self_too: bool = True) -> float:
+        self.sample()
+        with self._lock:
+            return sum(v for (pid, _), v in self.seen.items() if self_too or pid != self.me)
+
+
+_METER: CpuMeter | None = None
+
+
+def tree_cpu_seconds(self_too: bool = True) -> float:
+    """``CpuMeter.total`` of the one meter of this process (started on the first call)."""
+    global _METER
+    if _METER is None:
+        _METER = CpuMeter()
+    return _METER.total(self_too)
 
 
 def portrait_pool(data_dir: Path, n: int) -> list[Path]:
@@ -191,46 +288,53 @@ def portrait_cases(files: list[Path]) -> list[Case]:
     return [Case("portrait", "POST", "/v1/faces", f.read_bytes(), {"content-type": "image/jpeg"}) for f in files]
 
 
-def batch_marginal(files: list[Path], model: str | None, repeats: int = 2) -> tuple[float, list[str]]:
+def batch_marginal(files: list[Path], model: str | None, repeats: int = 2) -> tuple[float, float, list[str]]:
     """The batch job's marginal photos/s on ``files``: the job on the first half and on all of
     them (after a small warm-up job: the first dataset of a process pays ~6 s once), each
-    ``repeats`` times, fastest wall kept; (n_all - n_half) / (t_all - t_half)."""
+    ``repeats`` times, fastest wall kept; (n_all - n_half) / (t_all - t_half); and the same
+    per CPU-second (least CPU kept: ``tree_cpu_seconds``)."""
     import tempfile
 
     from pipeline.scoring import score
 
-    lines, best = [], {}
+    lines, best, cpu = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         for k, n in enumerate([min(16, len(files))] + [len(files) // 2, len(files)] * repeats):
             src = Path(tmp) / f"in{k}"
             src.mkdir()
             for i, f in enumerate(files[:n]):
                 (src / f"{i:05d}_{f.name}").symlink_to(f)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), tree_cpu_seconds()
             summary = score(str(src), str(Path(tmp) / f"out{k}"), model_uri=model, log=lambda *_: None)
-            wall = time.perf_counter() - t
+            wall, used = time.perf_counter() - t, tree_cpu_seconds() - c
             if k:
                 best[n] = min(best.get(n, wall), wall)
-            lines.append(f"batch job{' (warm-up)' if not k else ''}: {n} portraits in {wall:.1f} s "
-                         f"({getattr(summary, 'faces', '?')} faces)")
+                cpu[n] = min(cpu.get(n, used), used)
+            lines.append(f"batch job{' (warm-up)' if not k else ''}: {n} portraits in {wall:.1f} s, "
+                         f"{used:.1f} CPU-s ({getattr(summary, 'faces', '?')} faces)")
     (n1, t1), (n2, t2) = sorted(best.items())
     marginal = (n2 - n1) / max(1e-9, t2 - t1)
+    per_cpu = (n2 - n1) / max(1e-9, cpu[n2] - cpu[n1])
     lines.append(f"batch job marginal: {marginal:.1f} photos/s ((n {n2} - {n1}) / ({t2:.1f} - {t1:.1f} s), "
-                 f"fastest of {repeats})")
-    return marginal, lines
+                 f"fastest of {repeats}); {per_cpu:.1f} photos per CPU-second "
+                 f"({n2 - n1} / ({cpu[n2]:.1f} - {cpu[n1]:.1f}), least of {repeats})")
+    return marginal, per_cpu, lines
 
 
-def sweep(url: str, files: list[Path], levels: list[int], seconds: float, token: str | None
+def sweep(url: str | list[str], files: list[Path], levels: list[int], seconds: float, token: str | None
           ) -> tuple[dict[int, LoadResult], list[str]]:
     """POST /v1/faces with the pool's portraits at each client count."""
     cases = portrait_cases(files)
     out, lines = {}, []
     run_load(url, cases, min(3.0, seconds), max(levels), token)  # warm-up: threads, batches, connections
     for n in levels:
+        c = tree_cpu_seconds(self_too=False)
         r = run_load(url, cases, seconds, n, token)
+        r.cpu_seconds = tree_cpu_seconds(self_too=False) - c
         out[n] = r
         lat = r.ok_latencies("portrait")
-        lines.append(f"{n:3d} clients: {r.photos_ok['portrait'] / r.seconds:6.1f} photos/s  p50 "
+        per_cpu = f"  {r.photos_ok['portrait'] / r.cpu_seconds:6.1f} photos/CPU-s" if r.cpu_seconds > 0 else ""
+        lines.append(f"{n:3d} clients: {r.photos_ok['portrait'] / r.seconds:6.1f} photos/s{per_cpu}  p50 "
                      f"{np.nanpercentile(lat, 50):5.0f} ms  p99 {np.nanpercentile(lat, 99):5.0f} ms  "
                      f"503+Retry-After {r.designed_503} (Serve's {r.native_503})  other 5xx {r.server_errors}  "
                      f"transport errors {sum(r.transport_errors.values())}  codes {dict(sorted(r.statuses.items()))}")
@@ -265,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", help="prediction table for the app started here (also adds lookups)")
     p.add_argument("--token", default=os.environ.get("FACERAY_API_TOKEN") or "load-test-token")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--direct", action="store_true",
+                   help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 for the Ray started here): "
+                        "the clients talk to the FacePipeline replicas' own 127.0.0.1 ports, no proxy hop")
+    p.add_argument("--replicas", type=int, help="FacePipeline replicas (default: serve_plan)")
     args = p.parse_args(argv)
     header("serve_load: the HTTP endpoint under concurrent clients, next to the batch job")
     try:
@@ -277,13 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.sweep.split(",") if x.strip()]
     started_here = args.url is None
     url = args.url
-    marginal, ok, targets = None, True, True
+    marginal, marginal_cpu, ok, targets = None, None, True, True
     if started_here:
         import socket
 
         for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                      "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
             os.environ.setdefault(k, v)   # before the first `import ray`, which reads them
+        if args.direct:
+            os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's processes at start
         import ray
         from ray import serve
 
@@ -293,18 +403,21 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
                  log_to_driver=False)
         if levels and not args.no_batch:  # first, alone on the cores: Serve's replicas would hold them
-            marginal, lines = batch_marginal(pool, args.model)
+            marginal, marginal_cpu, lines = batch_marginal(pool, args.model)
             print("\n".join(lines), flush=True)
-        print(f"endpoint plan: {serve_plan(ray.cluster_resources()).describe()}")
+        print(f"endpoint plan: {serve_plan(ray.cluster_resources(), replicas=args.replicas).describe()}")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         t = time.monotonic()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": args.model, "table": args.table, "token": args.token}),
-                  name=APP_NAME, route_prefix="/")
+        serve.run(build_app({"model": args.model, "table": args.table, "token": args.token,
+                             "replicas": args.replicas}), name=APP_NAME, route_prefix="/")
         print(f"app ready in {time.monotonic() - t:.1f} s on 127.0.0.1:{port}", flush=True)
         url = f"http://127.0.0.1:{port}"
+        if args.direct:
+            url = direct_ingress_urls(APP_NAME)
+            print(f"direct ingress: clients spread over {', '.join(url)} (each bound to 127.0.0.1 only)", flush=True)
     try:
         results, lines = sweep(url, pool, levels, args.sweep_seconds, args.token) if levels else ({}, [])
         print("\n".join(lines), flush=True)
@@ -324,6 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ratio endpoint / batch job: {rates[best]:.1f} / {marginal:.1f} = {ratio:.2f} "
                   f"(best, {best} clients; target ≥ 0.6){per_level}")
             targets &= ratio >= 0.6
+        if marginal_cpu and started_here:
+            cpu_rates = {n: r.photos_ok["portrait"] / r.cpu_seconds for n, r in results.items() if r.cpu_seconds > 0}
+            if cpu_rates:
+                top = max(cpu_rates, key=cpu_rates.get)
+                print(f"per CPU-second (load-independent; the clients' CPU not counted): endpoint / batch job "
+                      f"{cpu_rates[top]:.1f} / {marginal_cpu:.1f} = {cpu_rates[top] / marginal_cpu:.2f} "
+                      f"(best, {top} clients)" + "".join(f"; {n} clients {v / marginal_cpu:.2f}"
+                                                          for n, v in cpu_rates.items()))
         if 1 in results and 16 in results:
             single = float(np.nanpercentile(results[1].ok_latencies("portrait"), 50))
             p99 = float(np.nanpercentile(results[16].ok_latencies("portrait"), 99))
