@@ -367,6 +367,37 @@ class MiniXception(nn.Module):
         return self.head(x).mean((2, 3)), x.mean((2, 3))
 
 
+def _load_nets(paths: Mapping[str, str], cache_dir: str | os.PathLike | None = None) -> dict[str, nn.Module]:
+    """The three networks from their files; with ``cache_dir``, their converted state dicts
+    are kept there (``pipeline/weights_cache.py``): no ``onnx``/``h5py`` import next time."""
+    import io
+
+    from pipeline.weights_cache import cached_bytes, key
+
+    classes = {"age": CydralAgeNet, "gender": CydralGenderNet, "emotion": MiniXception}
+    for p in paths.values():
+        _check_file(p)
+    built: dict[str, nn.Module] = {}
+
+    def convert() -> bytes:
+        built.update({k: cls().load(paths[k]) for k, cls in classes.items()})
+        buf = io.BytesIO()
+        torch.save({k: m.state_dict() for k, m in built.items()}, buf)
+        return buf.getvalue()
+
+    data = cached_bytes(cache_dir, f"attributes-{key(*(paths[k] for k in classes))}.pt", convert)
+    if built:
+        return built
+    try:
+        states = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        nets = {k: cls() for k, cls in classes.items()}
+        for k, net in nets.items():
+            net.load_state_dict(states[k])
+        return nets
+    except Exception:  # a damaged cache file: convert again (and do not trust it)
+        return {k: cls().load(paths[k]) for k, cls in classes.items()}
+
+
 def _flush_denormals(net: nn.Module, below: float = 1e-20) -> None:
     """Zero the weights under 1e-20: dead weights left by weight decay (age-v1's stem has
     2,646 of 9,408 near 1e-38; gender-v1's fc1 24,279 of 65,536).  Their products are
@@ -439,7 +470,8 @@ class AttributeNets:
     inputs: Mapping[str, NetInput] = {"age": CYDRAL_AGE_INPUT, "gender": CYDRAL_GENDER_INPUT, "emotion": FER_INPUT}
 
     def __init__(self, device: str | torch.device | None = None, batch_size: int = 32, threads: int | None = None,
-                 model_paths: Mapping[str, str] | None = None, precision: str = "fp32") -> None:
+                 model_paths: Mapping[str, str] | None = None, precision: str = "fp32",
+                 cache_dir: str | os.PathLike | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = max(1, int(batch_size))
         if self.device.type == "cpu":
@@ -449,9 +481,7 @@ class AttributeNets:
         given = dict(model_paths or {})
         paths = {task: given.get(task) or default_model_path(task) for task in MODEL_FILES}
         self.model_paths = paths
-        nets: dict[str, nn.Module] = {"age": CydralAgeNet().load(paths["age"]),
-                                      "gender": CydralGenderNet().load(paths["gender"]),
-                                      "emotion": MiniXception().load(paths["emotion"])}
+        nets = _load_nets(paths, cache_dir)
         for net in nets.values():
             _flush_denormals(net)       # before the cast: bf16 keeps fp32's exponent range (and subnormals)
         self.precision: PrecisionChoice = choose(precision, self.device.type)

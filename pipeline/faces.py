@@ -72,11 +72,12 @@ class FaceDetector:
 
     def __init__(self, model_path: str | None = None, det_max_side: int = 640, min_face: int = 20,
                  score_threshold: float = 0.6, nms_threshold: float = 0.3, top_k: int = 5000,
-                 large_face_score: float = 0.9, threads: int = 1) -> None:
+                 large_face_score: float = 0.9, threads: int = 1,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         self.model_path = str(model_path or default_model_path())
         if not os.path.isfile(self.model_path):
             raise ModelFileError(f"face detector model not found: {self.model_path}")
-        self._net = YuNet(self.model_path, score_threshold, nms_threshold, top_k, threads)
+        self._net = YuNet(self.model_path, score_threshold, nms_threshold, top_k, threads, cache_dir)
         self.det_max_side = int(det_max_side)
         self.min_face = float(min_face)
         self.score_threshold = float(score_threshold)
@@ -86,7 +87,8 @@ class FaceDetector:
     def from_settings(cls, settings: Settings) -> "FaceDetector":
         """The detector every path builds (batch, training, serving): one set of thresholds."""
         return cls(settings.detector_model, det_max_side=settings.det_max_side, min_face=settings.min_face,
-                   score_threshold=settings.det_score, large_face_score=settings.det_score_large)
+                   score_threshold=settings.det_score, large_face_score=settings.det_score_large,
+                   cache_dir=settings.cache_dir)
 
     def required_score(self, side_px: np.ndarray) -> np.ndarray:
         """The score a detection of this size (detection pixels) needs to count as a face."""

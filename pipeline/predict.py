@@ -59,7 +59,7 @@ class FaceModels:
             from pipeline.attributes import AttributeNets
 
             self.attributes = AttributeNets(self.embedder.device, batch_size=device_batch,
-                                            precision=settings.precision)
+                                            precision=settings.precision, cache_dir=settings.cache_dir)
 
     @property
     def tasks(self) -> Tasks:

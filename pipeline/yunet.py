@@ -44,15 +44,21 @@ class YuNet:
     w, h, five landmarks (x, y), score; in the input image's pixels.  One per thread."""
 
     def __init__(self, model_path: str | os.PathLike, score_threshold: float = 0.6,
-                 nms_threshold: float = 0.3, top_k: int = 5000, threads: int = 1) -> None:
+                 nms_threshold: float = 0.3, top_k: int = 5000, threads: int = 1,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         import onnxruntime as ort
+
+        from pipeline.weights_cache import cached_bytes, key
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))  # parallelism comes from actors
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(_dynamic_model(str(model_path)), opts,
+            # the rewritten graph is kept under cache_dir: no ``import onnx`` in the next actor
+            model = cached_bytes(cache_dir, f"yunet-dynamic-{key(model_path)}.onnx",
+                                 lambda: _dynamic_model(str(model_path)))
+            self.session = ort.InferenceSession(model, opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnx/ort raise several types for a bad file
             raise ModelFileError(f"cannot load face detector model {model_path}: {exc}") from None
