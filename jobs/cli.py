@@ -72,6 +72,25 @@ def run_job(prog: str, work: Callable[[], int], resume: str | None = None) -> in
         stopping.uninstall()
 
 
+def exit_now(code: int) -> None:
+    """End a finished job's process at once: disconnect from Ray (a local Ray it started
+    stops), flush the output and logs, then ``os._exit``.  The interpreter's own teardown
+    with torch and Ray loaded takes 1-2 s more here and does nothing a job needs
+    (benchmarks/startup.py).  Only for a command-line entry point, after ``main()``."""
+    import logging
+    import os
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _stopped(prog: str, stop, resume: str | None) -> None:  # noqa: ANN001
     """Report a stop, stop what this process started, exit 128 + signal (no Ray atexit
     hooks: they could wait on a Ray that is gone)."""
