@@ -135,7 +135,11 @@ class PipelineCore:
             return
         from pipeline.heads import ModelBundle
 
-        self._state = (uri, ModelBundle.load(uri))
+        bundle = ModelBundle.load(uri)
+        # a fine-tuned bundle's backbone is built here, before the swap, not by the first request
+        bundle.head_embeddings(np.zeros((0, 128, 128, 3), np.uint8), np.zeros((0, 128), np.float32),
+                               self.settings.precision)
+        self._state = (uri, bundle)
 
     async def analyse(self, data: bytes):
         """Decode → detect → align in the detector's thread (the event loop stays free)."""

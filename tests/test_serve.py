@@ -119,8 +119,10 @@ def people_table(scored) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(ray_cluster, bundle, scored, people_table):
-    """serve/config.yaml (model + table + token) behind Serve's proxy on a free loopback port."""
+def api(ray_cluster, bundle, scored, people_table, tuned_bundle):
+    """serve/config.yaml (model + table + token) behind Serve's proxy on a free loopback port.
+    ``tuned_bundle`` is trained first: once Serve's replicas hold the cores, a training job's
+    Ray Data actors would wait for CPUs forever."""
     from ray import serve
 
     for attempt in range(3):  # a free port can be taken by another process before the proxy binds
@@ -515,3 +517,39 @@ def test_overload_gets_a_fast_503_with_retry_after(api):
                 assert "overloaded" in r.json()["error"] and seconds < 1.0, (r.text, seconds)
     finally:
         serve.delete("overload-test")
+
+
+def test_fine_tuned_bundle_answers_with_its_backbone(api, scored, people_table, tuned_bundle):
+    """A --finetune bundle deployed live: its heads read its own backbone's embedding of each
+    chip (as the batch job's, test_finetune.py), while the response's embedding stays the base one."""
+    from pipeline.faces import FaceDetector
+    from pipeline.heads import ModelBundle
+    from pipeline.photos import analyse_photo
+    from pipeline.settings import Settings
+
+    tuned_dir = str(tuned_bundle[0])
+    bundle = ModelBundle.load(tuned_dir)
+    deploy_config(tuned_dir, scored["uri"], people_table)
+    deadline = time.monotonic() + 60
+    while api.get("/v1/model").json()["model_version"] != bundle.model_version and time.monotonic() < deadline:
+        time.sleep(0.2)
+    settings = Settings()
+    detector = FaceDetector.from_settings(settings)
+    checked = 0
+    for name, rows in sorted(_rows_by_photo(scored["rows"]).items()):
+        if rows[0]["status"] != "ok" or rows[0]["face_count"] > 3:
+            continue
+        data = (scored["root"] / name).read_bytes()
+        body = api.post("/v1/faces?embedding=1", content=data).json()
+        assert body["model_version"] == bundle.model_version
+        chips = analyse_photo(data, detector, settings.max_pixels, settings.max_bytes).chips
+        base = np.asarray([f["embedding"] for f in body["faces"]], np.float32)
+        for row, face in zip(rows, body["faces"]):   # the response's embedding: the base network's
+            assert float(np.dot(face["embedding"], row["embedding"])) >= 0.999
+        labels, scores = bundle.predict(bundle.head_embeddings(np.asarray(chips), base, settings.precision),
+                                        np.zeros(len(base), np.int64))["identity"]
+        assert [f["predictions"]["identity"]["label"] for f in body["faces"]] == list(labels), name
+        np.testing.assert_allclose([f["predictions"]["identity"]["score"] for f in body["faces"]], scores,
+                                   atol=0.02)
+        checked += len(base)
+    assert checked >= PEOPLE * HELD_OUT
