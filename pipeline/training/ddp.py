@@ -131,13 +131,10 @@ def train_loop(config: dict[str, Any]) -> None:
     start_epoch, resumed_from = 0, -1
     best: dict[str, dict] = {}
     history: list[dict] = []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
-        if st.get("stopped"):  # that fit had finished (stopped after it): hand its state back
-            _report(rank, dict(st["history"][-1]), st)
-            return
+    st, finished = resume(rank)
+    if finished:
+        return
+    if st:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         best, history = st["best"], st["history"]
@@ -150,8 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
                                         local_shuffle_buffer_size=config["shuffle_buffer"]):
             xs, ys = _tensors(batch, specs)
-            parts = task_losses(ddp(xs), ys, specs, variants, class_w, config["huber_delta"])
-            loss = sum(task_w.get(k.split("@")[0], 1.0) * v for k, v in parts.items())
+            loss = weighted_loss(task_losses(ddp(xs), ys, specs, variants, class_w, config["huber_delta"]), task_w)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -174,20 +170,57 @@ def train_loop(config: dict[str, Any]) -> None:
         history.append(dict(metrics))
         last_best = max(b["epoch"] for b in best.values())
         stop = (epoch - last_best >= config["patience"]) or epoch == config["epochs"] - 1
-        if world > 1:  # every rank must take the same decision (report is a barrier)
-            import torch.distributed as dist
-
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        metrics["stopped"] = stop
-        if rank == 0 and config.get("progress") is not None:  # the driver prints a line per epoch
-            config["progress"].event.remote({**metrics, "epochs": config["epochs"],
-                                             "epoch_seconds": time.monotonic() - t0})
-        _report(rank, metrics, {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                                "best": best, "history": history, "stopped": stop})
-        if stop:
+        if end_epoch(config, rank, world, metrics, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                                    "epoch": epoch, "best": best, "history": history}, stop, t0):
             break
+
+
+STATE_FILE = "train_state.pt"   # one checkpoint's whole state (model, optimiser, best, history)
+
+
+def load_state(checkpoint: Any) -> dict[str, Any]:
+    """The state a ``Checkpoint`` holds (``end_epoch`` wrote it)."""
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def resume(rank: int) -> tuple[dict[str, Any] | None, bool]:
+    """In a Train worker: (the last checkpoint's state or None, finished).  A run that had
+    already stopped (the job restarted after its fit ended) reports its state back and is
+    finished: the loop returns at once."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return None, False
+    st = load_state(ckpt)
+    if st.get("stopped"):
+        _report(rank, dict(st["history"][-1]), st)
+        return st, True
+    return st, False
+
+
+def weighted_loss(parts: dict[str, torch.Tensor], task_weights: dict[str, float]) -> torch.Tensor:
+    """The training loss: each ``task@variant`` loss times its task's ``--task-weights`` (1)."""
+    return sum(task_weights.get(k.split("@")[0], 1.0) * v for k, v in parts.items())
+
+
+def end_epoch(config: dict[str, Any], rank: int, world: int, metrics: dict[str, Any], state: dict[str, Any],
+              stop: bool, started: float, device: Any = None) -> bool:
+    """Every rank takes rank 0's stop decision (report is a barrier), the driver gets its
+    epoch line, rank 0 checkpoints ``state``; returns the decision."""
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop else 0.0], device=device)
+        dist.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    metrics["stopped"] = stop
+    if rank == 0 and config.get("progress") is not None:  # the driver prints a line per epoch
+        config["progress"].event.remote({**metrics, "epochs": config["epochs"],
+                                         "epoch_seconds": time.monotonic() - started})
+    _report(rank, metrics, {**state, "stopped": stop})
+    return stop
 
 
 def _report(rank: int, metrics: dict, state: dict) -> None:
@@ -196,18 +229,20 @@ def _report(rank: int, metrics: dict, state: dict) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            torch.save(state, os.path.join(d, "train_state.pt"))
+            torch.save(state, os.path.join(d, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
 
 
-def _run_name(config: dict, train: Encoded, val: Encoded) -> str:
-    """``fit-<hash>`` of what the fit learns from (settings, specs, the split's photos and
-    labels): a restarted job with the same flags and data finds its checkpoints; another one
-    starts afresh.  Not the embeddings' bits (nor norms from them): a fresh embedding pass and
-    the cache read back differ in the last bits (measured: the hash changed between the two)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("val", "progress", "norms")},
+def run_name(config: dict, train: Encoded, val: Encoded, stage: str = "fit",
+             skip: tuple[str, ...] = ("val", "progress", "norms")) -> str:
+    """``<stage>-<hash>`` of what the run learns from (settings, specs, the split's photos and
+    labels; not the ``skip`` keys): a restarted job with the same flags and data finds its
+    checkpoints; another one starts afresh.  Not the embeddings' bits (nor norms from them): a
+    fresh embedding pass and the cache read back differ in the last bits (measured: the hash
+    changed between the two)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in skip},
                                   sort_keys=True, default=str).encode())
     for part in (train, val):
         h.update("\n".join(part.uris).encode() + repr(part.x.shape).encode())
@@ -215,7 +250,7 @@ def _run_name(config: dict, train: Encoded, val: Encoded) -> str:
             h.update(k.encode() + repr(np.shape(part.features[k])).encode())
         for k in sorted(part.y):
             h.update(k.encode() + np.ascontiguousarray(part.y[k]).tobytes())
-    return f"fit-{h.hexdigest()[:16]}"
+    return f"{stage}-{h.hexdigest()[:16]}"
 
 
 def check_cluster(cfg: TrainConfig) -> dict[str, float]:
@@ -266,7 +301,7 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
               "val": {"x": val.x, **{f"f_{k}": val.features[k] for k in feats},
                       **{f"y_{k}": v for k, v in val.y.items()}}}
     shown = sorted({v for vs in variants.values() for v in vs}, key=lambda v: (split_variant(v)[1] != IDENTITY, v))
-    st, last = run_trainer(train_loop, config, ds, cfg, cfg.epochs, storage_uri, _run_name(config, train, val),
+    st, last = run_trainer(train_loop, config, ds, cfg, cfg.epochs, storage_uri, run_name(config, train, val),
                            f"heads {shown}, {len(train.x)} train / {len(val.x)} val faces", "fit", log)
     return st["best"], st["history"], last
 
@@ -306,6 +341,4 @@ def run_trainer(loop: Callable[[dict], None], config: dict[str, Any], ds: Any, c
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
-    return st, dict(result.metrics or {}) | {"run_name": run_name, "run_path": f"{path}/{run_name}"}
+    return load_state(result.checkpoint), dict(result.metrics or {}) | {"run_name": run_name, "run_path": f"{path}/{run_name}"}

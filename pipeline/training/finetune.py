@@ -15,9 +15,7 @@ features stay a frozen-feature choice (``--features identity`` with fine-tuning)
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
-import os
 import time
 from typing import Any, Callable
 
@@ -28,7 +26,8 @@ import torch.nn.functional as F
 from pipeline.contract import CLASSIFICATION, UsageError
 from pipeline.heads import IDENTITY, TaskSpec
 from pipeline.training.config import TrainConfig
-from pipeline.training.ddp import MultiHead, _class_weights, _report, _validation_metrics, task_losses
+from pipeline.training.ddp import (MultiHead, _class_weights, _validation_metrics, end_epoch, resume, run_name,
+                                   task_losses, weighted_loss)
 from pipeline.training.split import Encoded
 
 MODES = ("none", "last", "all")
@@ -118,9 +117,9 @@ def finetune_loop(config: dict[str, Any]) -> None:
 
     specs = [TaskSpec.from_json(d) for d in config["specs"]]
     variants: dict[str, list[str]] = config["variants"]
-    torch.manual_seed(config["seed"] + ray.train.get_context().get_world_rank())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
     device = ray.train.torch.get_device()
     heads = MultiHead(specs, variants)
     heads.heads.load_state_dict(config["heads_init"])
@@ -136,13 +135,10 @@ def finetune_loop(config: dict[str, Any]) -> None:
     val_chips = torch.from_numpy(config["val_chips"])
     val_y = {s.name: torch.as_tensor(config["val_y"][s.name]).to(device) for s in specs}
     start_epoch, resumed_from, best, history = 0, -1, None, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            st = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
-        if st.get("stopped"):
-            _report(rank, dict(st["history"][-1]), st)
-            return
+    st, finished = resume(rank)
+    if finished:
+        return
+    if st:
         net.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -160,9 +156,8 @@ def finetune_loop(config: dict[str, Any]) -> None:
             x = _inputs(torch.as_tensor(batch["chip"]), device, aug)
             with _autocast(device):
                 out = ddp(x)
-            parts = task_losses({k: v.float() for k, v in out.items()}, ys, specs, variants, class_w,
-                                config["huber_delta"])
-            loss = sum(config["task_weights"].get(k.split("@")[0], 1.0) * v for k, v in parts.items())
+            loss = weighted_loss(task_losses({k: v.float() for k, v in out.items()}, ys, specs, variants, class_w,
+                                             config["huber_delta"]), config["task_weights"])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -185,19 +180,9 @@ def finetune_loop(config: dict[str, Any]) -> None:
                                    "resumed_from": resumed_from, "val_crit": score, **val_metrics}
         history.append(dict(metrics))
         stop = (epoch - best["epoch"] >= config["patience"]) or epoch == config["epochs"] - 1
-        if world > 1:  # every rank takes rank 0's decision (report is a barrier)
-            import torch.distributed as dist
-
-            flag = torch.tensor([1.0 if stop else 0.0], device=device)
-            dist.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        metrics["stopped"] = stop
-        if rank == 0 and config.get("progress") is not None:
-            config["progress"].event.remote({**metrics, "epochs": config["epochs"],
-                                             "epoch_seconds": time.monotonic() - t0})
-        _report(rank, metrics, {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                "epoch": epoch, "best": best, "history": history, "stopped": stop})
-        if stop:
+        state = {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
+                 "best": best, "history": history}
+        if end_epoch(config, rank, world, metrics, state, stop, t0, device):
             break
 
 
@@ -239,7 +224,7 @@ def finetune(train: Encoded, val: Encoded, specs: list[TaskSpec], heads_init: di
               "batch_size": cfg.finetune_batch_size, "shuffle_buffer": cfg.shuffle_buffer,
               "val_chips": val.chips, "val_y": val.y}
     st, last = run_trainer(finetune_loop, config, ds, cfg, cfg.finetune_epochs, storage_uri,
-                           _run_name(config, train, val),
+                           run_name(config, train, val, "finetune", ("val_chips", "val_y", "heads_init", "progress")),
                            f"fine-tuning ({cfg.finetune}) {sorted(heads_init)} on {len(train.chips)} train / "
                            f"{len(val.chips)} val chips", "finetune", log)
     state = st["best"]["state"]
@@ -253,16 +238,3 @@ def finetune(train: Encoded, val: Encoded, specs: list[TaskSpec], heads_init: di
             heads[f"{task_variant.split('@')[0]}.{param}"] = v
     return buf.getvalue(), heads, st["history"], last | {"best_epoch": st["best"]["epoch"]}
 
-
-def _run_name(config: dict, train: Encoded, val: Encoded) -> str:
-    """``finetune-<hash>`` of the flags, the heads' variants and the split's photos and
-    labels: a restarted job continues its checkpoints, another starts afresh.  Not the
-    initial heads' bits (the frozen fit they come from is itself resumed, and the split
-    and flags fix it)."""
-    h = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in config.items()
-                                   if k not in ("val_chips", "val_y", "heads_init", "progress"))).encode())
-    for part in (train, val):
-        h.update("\n".join(part.uris).encode())
-        for k in sorted(part.y):
-            h.update(k.encode() + np.ascontiguousarray(part.y[k]).tobytes())
-    return f"finetune-{h.hexdigest()[:16]}"
