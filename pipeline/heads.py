@@ -463,16 +463,21 @@ class ModelBundle:
         return meta
 
     # -- inference
-    def head_embeddings(self, chips: np.ndarray, embeddings: np.ndarray, precision: str = "fp32") -> np.ndarray:
-        """The identity embeddings the heads read: the base ones given, or for a fine-tuned
-        bundle its own backbone's on the same chips (loaded once, on first use)."""
-        if self.tuned_backbone is None:
-            return embeddings
-        if self._tuned is None:
+    def tuned_embedder(self, precision: str = "fp32") -> Any:
+        """A fine-tuned bundle's backbone as an ``Embedder`` (built once), or None."""
+        if self.tuned_backbone is not None and self._tuned is None:
             from pipeline.embed import Embedder
 
             self._tuned = Embedder(self.tuned_backbone, precision=precision)
-        return self._tuned(chips) if len(chips) else np.asarray(embeddings, np.float32)
+        return self._tuned
+
+    def head_embeddings(self, chips: np.ndarray, embeddings: np.ndarray, precision: str = "fp32") -> np.ndarray:
+        """The identity embeddings the heads read: the base ones given, or for a fine-tuned
+        bundle its own backbone's on the same chips."""
+        tuned = self.tuned_embedder(precision)
+        if tuned is None or not len(chips):
+            return embeddings
+        return tuned(chips)
 
     def inputs(self, embeddings: np.ndarray, features: dict[str, np.ndarray] | None = None
                ) -> dict[str, np.ndarray]:

@@ -136,9 +136,7 @@ class PipelineCore:
         from pipeline.heads import ModelBundle
 
         bundle = ModelBundle.load(uri)
-        # a fine-tuned bundle's backbone is built here, before the swap, not by the first request
-        bundle.head_embeddings(np.zeros((0, 128, 128, 3), np.uint8), np.zeros((0, 128), np.float32),
-                               self.settings.precision)
+        bundle.tuned_embedder(self.settings.precision)  # built here, before the swap, not by the first request
         self._state = (uri, bundle)
 
     async def analyse(self, data: bytes):
