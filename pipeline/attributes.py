@@ -379,8 +379,11 @@ def _load_nets(paths: Mapping[str, str], cache_dir: str | os.PathLike | None = N
         _check_file(p)
     built: dict[str, nn.Module] = {}
 
+    def from_files() -> dict[str, nn.Module]:
+        return {k: cls().load(paths[k]) for k, cls in classes.items()}
+
     def convert() -> bytes:
-        built.update({k: cls().load(paths[k]) for k, cls in classes.items()})
+        built.update(from_files())
         buf = io.BytesIO()
         torch.save({k: m.state_dict() for k, m in built.items()}, buf)
         return buf.getvalue()
@@ -395,7 +398,7 @@ def _load_nets(paths: Mapping[str, str], cache_dir: str | os.PathLike | None = N
             net.load_state_dict(states[k])
         return nets
     except Exception:  # a damaged cache file: convert again (and do not trust it)
-        return {k: cls().load(paths[k]) for k, cls in classes.items()}
+        return from_files()
 
 
 def _flush_denormals(net: nn.Module, below: float = 1e-20) -> None:
