@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pandas as pd
 import pytest
 
 from pipeline.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # helpers the tests share (train_chaos, …)
 
 
 def _data_dir() -> Path:
@@ -55,29 +58,41 @@ def people(data_dir) -> dict[str, list[Path]]:
 FINETUNE_PER = 14   # photos per person the fine-tuned bundle trains on (the rest are held out)
 
 
+def training_folder(people: dict[str, list[Path]], per: int, root: Path) -> Path:
+    """``root/<person>/<photo>``: the first ``per`` photos of each person, as symlinks."""
+    for name, files in people.items():
+        (root / name).mkdir()
+        for f in files[:per]:
+            (root / name / f.name).symlink_to(f)
+    return root
+
+
+def train_job(argv: list[str]) -> str:
+    """``train_classifier.py`` as a user runs it, in this process; its output (it must succeed)."""
+    import contextlib
+    import io
+
+    from jobs.train_classifier import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    assert code == 0, buf.getvalue()[-3000:]
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="session")
 def tuned_bundle(ray_cluster, people, tmp_path_factory):
     """``train_classifier.py --finetune last`` as a user runs it, on 5 people × 14 photos,
     2 workers: (bundle folder, metrics, stdout, training folder, embedding cache)."""
-    import contextlib
-    import io
     import json
 
-    from jobs.train_classifier import main
-
-    train = tmp_path_factory.mktemp("finetune-train")
-    for name, files in people.items():
-        (train / name).mkdir()
-        for f in files[:FINETUNE_PER]:
-            (train / name / f.name).symlink_to(f)
+    train = training_folder(people, FINETUNE_PER, tmp_path_factory.mktemp("finetune-train"))
     out = tmp_path_factory.mktemp("finetune-bundle")
     cache = str(tmp_path_factory.mktemp("finetune-cache"))
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(["--data", str(train), "--output", str(out), "--workers", "2", "--epochs", "15",
-                     "--finetune", "last", "--finetune-epochs", "3", "--cache", cache, "--no-report"])
-    assert code == 0, buf.getvalue()[-3000:]
-    return out, json.loads((out / "metrics.json").read_text()), buf.getvalue(), train, cache
+    stdout = train_job(["--data", str(train), "--output", str(out), "--workers", "2", "--epochs", "15",
+                        "--finetune", "last", "--finetune-epochs", "3", "--cache", cache, "--no-report"])
+    return out, json.loads((out / "metrics.json").read_text()), stdout, train, cache
 
 
 @pytest.fixture(scope="session")

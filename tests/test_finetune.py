@@ -10,11 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import signal
-import threading
-import time
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -122,39 +118,18 @@ def test_one_and_two_workers_agree(tuned_bundle, tmp_path):
 
 def test_killed_worker_resumes_fine_tuning(tuned_bundle, tmp_path):
     """SIGKILL a Train worker once two fine-tuning checkpoints exist; the run resumes from one."""
-    import ray._private.state as ray_state
-
     from pipeline.training.config import TrainConfig
     from pipeline.training.run import train
+    from train_chaos import kill_a_worker_during
 
     _, _, _, data, cache = tuned_bundle
     out = tmp_path / "killed"
     cfg = TrainConfig(workers=2, epochs=10, finetune="last", finetune_epochs=8, patience=8, max_failures=2, seed=1)
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["outcome"] = train(str(data), str(out), "folders", None, cfg, cache_uri=cache, report=False,
-                                      keep_checkpoints=True, log=lambda *_: None)
-        except BaseException as exc:  # surfaced by the assertion below
-            result["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    killed, deadline = None, time.monotonic() + 300
-    while time.monotonic() < deadline and t.is_alive() and killed is None:
-        if len(list((out / "checkpoints").glob("finetune-*/checkpoint_*"))) >= 2:
-            workers = [a for a in ray_state.actors().values()
-                       if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
-            if workers:
-                killed = workers[-1]["Pid"]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    assert killed, "never saw a fine-tuning checkpoint and a live Train worker to kill"
-    t.join(timeout=300)
-    assert not t.is_alive(), "fine-tuning did not finish after the worker was killed"
-    assert "error" not in result, result.get("error")
-    history = result["outcome"].metrics["finetune"]["history"]
+    outcome, killed = kill_a_worker_during(
+        lambda: train(str(data), str(out), "folders", None, cfg, cache_uri=cache, report=False,
+                      keep_checkpoints=True, log=lambda *_: None),
+        out / "checkpoints", "finetune-*/checkpoint_*", wait_s=300)
+    history = outcome.metrics["finetune"]["history"]
     print("METRIC killed fine-tuning worker", killed, [h["resumed_from"] for h in history])
     assert max(h["resumed_from"] for h in history) >= 1
     assert [h["epoch"] for h in history] == list(range(len(history)))   # no epoch lost or repeated

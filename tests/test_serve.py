@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 TOKEN = "s3cret-token"
 BUCKET = "serving"
-from conftest import PEOPLE  # noqa: E402  (the `people` fixture: the 5 with most photos)
+from conftest import PEOPLE, train_job, training_folder  # noqa: E402  (PEOPLE: the `people` fixture's 5)
 
 TRAIN_PER, HELD_OUT = 8, 2
 
@@ -30,20 +30,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def bundle(ray_cluster, people, tmp_path_factory) -> str:
     """A real identity bundle from train_classifier.py on 5 people × 8 photos."""
-    import contextlib
-
-    from jobs.train_classifier import main
-
-    train = tmp_path_factory.mktemp("serve-train")
-    for name, files in people.items():
-        (train / name).mkdir()
-        for f in files[:TRAIN_PER]:
-            (train / name / f.name).symlink_to(f)
+    train = training_folder(people, TRAIN_PER, tmp_path_factory.mktemp("serve-train"))
     out = tmp_path_factory.mktemp("serve-bundle")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(["--data", str(train), "--output", str(out), "--workers", "1", "--epochs", "15"])
-    assert code == 0, buf.getvalue()[-3000:]
+    train_job(["--data", str(train), "--output", str(out), "--workers", "1", "--epochs", "15"])
     return str(out)
 
 

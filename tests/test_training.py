@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -82,43 +79,17 @@ def test_one_and_two_workers_agree(identity_bundle, data_dir, embedding_cache, t
 
 def test_killed_worker_resumes_from_checkpoint(identity_bundle, data_dir, embedding_cache, tmp_path):
     """SIGKILL one Ray Train worker once a checkpoint exists; the run must resume from it."""
-    import ray._private.state as ray_state
-
     from pipeline.training.config import TrainConfig
     from pipeline.training.run import train
+    from train_chaos import kill_a_worker_during
 
     out = tmp_path / "killed"
     cfg = TrainConfig(workers=2, epochs=40, patience=40, batch_size=16, head="linear", max_failures=2)
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["outcome"] = train(str(data_dir / "identities"), str(out), "folders", None, cfg,
-                                      cache_uri=embedding_cache, report=False, keep_checkpoints=True,
-                                      log=lambda *_: None)
-        except BaseException as exc:  # surfaced by the assertion below
-            result["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    killed = None
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and t.is_alive() and killed is None:
-        # a checkpoint is committed once every rank has reported: with two directories on
-        # storage the first one is certainly registered, so the run must resume from it
-        ckpts = list((out / "checkpoints").glob("fit-*/checkpoint_*"))
-        if len(ckpts) >= 2:
-            workers = [a for a in ray_state.actors().values()
-                       if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
-            if workers:
-                killed = workers[-1]["Pid"]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    assert killed, "never saw a checkpoint and a live Train worker to kill"
-    t.join(timeout=300)
-    assert not t.is_alive(), "training did not finish after the worker was killed"
-    assert "error" not in result, result.get("error")
-    m = result["outcome"].metrics
+    outcome, killed = kill_a_worker_during(
+        lambda: train(str(data_dir / "identities"), str(out), "folders", None, cfg, cache_uri=embedding_cache,
+                      report=False, keep_checkpoints=True, log=lambda *_: None),
+        out / "checkpoints", "fit-*/checkpoint_*")
+    m = outcome.metrics
     print("METRIC killed worker pid", killed, "resumed_from", m["resumed_from"], m["test"])
     assert m["resumed_from"] >= 1, m           # restarted from a checkpoint, not from scratch
     assert m["test"]["identity"]["accuracy"] >= 0.97
