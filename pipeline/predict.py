@@ -9,7 +9,7 @@ attributes, which then runs even with the built-in attributes off.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -30,6 +30,14 @@ def table_tasks(attributes: bool, bundle_tasks: Sequence[tuple[str, str]] = ()) 
 
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]
 Features = dict[str, np.ndarray]
+
+
+class FacePass(NamedTuple):
+    """What one pass of the networks gives for a batch of chips, in face order."""
+    embeddings: np.ndarray        # the identity network's (the table's ``embedding``)
+    predictions: Predictions      # every task's (labels, scores)
+    features: Features            # the attribute networks' penultimate features, by name
+    head_embeddings: np.ndarray   # what the bundle's heads read (a fine-tuned backbone's), else ``embeddings``
 
 
 class FaceModels:
@@ -81,16 +89,19 @@ class FaceModels:
         """Built-in attribute predictions (empty when switched off)."""
         return self.attribute_pass(chips)[0]
 
-    def run(self, chips: np.ndarray, photo_ids: np.ndarray) -> tuple[np.ndarray, Predictions, Features]:
-        """Embeddings, every task's (labels, scores) and the attribute features, in face order."""
+    def run(self, chips: np.ndarray, photo_ids: np.ndarray) -> FacePass:
+        """Every network's output for the chips (a fine-tuned backbone runs once: its
+        embeddings come back for per-track decisions too)."""
         emb = self.embedder(chips)
         preds, feats = self.attribute_pass(chips)
+        head = emb
         if self.bundle is not None:
-            preds.update(self.bundle.predict(self.bundle.head_embeddings(chips, emb, self.precision), photo_ids, feats))
-        return emb, preds, feats
+            head = self.bundle.head_embeddings(chips, emb, self.precision)
+            preds.update(self.bundle.predict(head, photo_ids, feats))
+        return FacePass(emb, preds, feats, head)
 
     def __call__(self, chips: np.ndarray, photo_ids: np.ndarray) -> tuple[np.ndarray, Predictions]:
         """Embeddings and every task's (labels, scores), in face order."""
-        emb, preds, _ = self.run(chips, photo_ids)
-        return emb, preds
+        out = self.run(chips, photo_ids)
+        return out.embeddings, out.predictions
 

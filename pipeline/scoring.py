@@ -115,6 +115,7 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
             f"{manifest.num_rows} to score")
     summary = Summary(skipped=skipped, output=output_uri)
     if manifest.num_rows == 0:
+        video.finish_tracks(output_uri, settings.video_segment_s, log)  # a run stopped before its last step
         summary.seconds = time.monotonic() - started
         return summary
 
@@ -127,6 +128,8 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
         ds = face_dataset(manifest, input_uri, settings, plan, model_uri, flip_tta, progress=w.board)
         _write(ds, PartWriter(fs, out_path, f"{PART_PREFIX}{run_id}", file_photos, file_seconds),
                manifest.num_rows, skipped, output_uri)
+    if videos:
+        video.finish_tracks(output_uri, settings.video_segment_s, log)
     summary.seconds = time.monotonic() - started
     summary.run_id = run_id
     _fill_summary(summary, fs, out_path, run_id)

@@ -111,14 +111,14 @@ class EmbedStage:
             return table.main_face_rows(photos, self.models.embedder(chips), {k: feats[k] for k in self.features},
                                         chips if self.chips else None)
         counts = photos.column("face_count").to_numpy(zero_copy_only=False)
-        emb, preds, feats = self.models.run(chips, np.repeat(np.arange(len(counts)), counts))
+        out = self.models.run(chips, np.repeat(np.arange(len(counts)), counts))
         from pipeline.video import assign_tracks, decide_tracks
 
-        tracks = assign_tracks(photos, emb)  # videos: after the embeddings exist; None without videos
-        if tracks is not None and self.models.bundle is not None:  # identities per track, on what the heads read
-            head = self.models.bundle.head_embeddings(chips, emb, self.models.precision)
-            preds = decide_tracks(photos, tracks, self.models.bundle, preds, head, feats)
-        return table.face_rows(photos, emb, preds, self.models.tasks, self.models.model_version, tracks)
+        preds = out.predictions
+        tracks = assign_tracks(photos, out.embeddings)  # videos: after the embeddings exist; None without videos
+        if tracks is not None:  # identities per track, on what the heads read
+            preds = decide_tracks(photos, tracks, self.models.bundle, preds, out.head_embeddings, out.features)
+        return table.face_rows(photos, out.embeddings, preds, self.models.tasks, self.models.model_version, tracks)
 
 
 class FaceStage:

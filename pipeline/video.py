@@ -19,12 +19,12 @@
   of the last few sampled frames when their embeddings agree (cosine) and, unless the
   embeddings agree strongly, their boxes overlap (IoU).  Greedy, best pairs first.  A short
   track inside another's gap, at its place and close to it (a blurred frame), joins it
-  (``_bridge_gaps``).  Tracks restart at segment boundaries: ids are
-  ``segment * TRACK_STRIDE + k``, so they stay unique within a video, but one person
-  crossing a boundary gets two ids (segments are scored by different actors and committed
-  as separate parts, so no actor sees both sides; rewriting committed parts after the job
-  would break ``--resume``'s one-part-per-task rule).  ``join_segments(table)`` is the
-  reader's post-pass that joins them across boundaries.
+  (``_bridge_gaps``).  Segments are scored by different actors and committed as separate
+  parts, so no actor sees both sides of a boundary: tracks get segment-scoped ids
+  (``segment * TRACK_STRIDE + k``) and the job's last step (``finish_tracks``, once every
+  segment is written) joins a track ending one segment to the one starting the next by the
+  same test (``join_segments``) and numbers each video's tracks 0, 1, … — one id per person
+  across the whole video, as DESIGN.md says.
 * **Identities per track** (``decide_tracks``): with a bundle, open-set classification
   tasks (identities) are decided once per track on its mean embedding and written to all
   its faces, score included; other tasks and the built-in attributes stay per face.
@@ -231,6 +231,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-6)
 
 
+def _link_score(cos: np.ndarray, iou: np.ndarray) -> np.ndarray:
+    """How well faces continue tracks (higher is better), -inf where they may not: the
+    embeddings agree (``SAME_FACE_COS``) and the boxes overlap, unless the embeddings
+    agree strongly (``SURE_FACE_COS``)."""
+    ok = (cos >= SAME_FACE_COS) & ((iou >= MIN_IOU) | (cos >= SURE_FACE_COS))
+    return np.where(ok, cos + 0.5 * iou, -np.inf)
+
+
 def link_frames(frames: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """Per frame (boxes N×4, unit embeddings N×D, in time order) the local track of each
     face (0, 1, … in order of first appearance)."""
@@ -242,8 +250,7 @@ def link_frames(frames: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]
         if live and len(boxes):
             cos = embs @ np.stack([tracks[i]["emb"] for i in live]).T
             iou = _iou(boxes, np.stack([tracks[i]["box"] for i in live]))
-            ok = (cos >= SAME_FACE_COS) & ((iou >= MIN_IOU) | (cos >= SURE_FACE_COS))
-            score = np.where(ok, cos + 0.5 * iou, -np.inf)
+            score = _link_score(cos, iou)
             while np.isfinite(score).any():
                 f, t = np.unravel_index(np.argmax(score), score.shape)
                 ids[f] = live[t]
@@ -407,63 +414,119 @@ def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
     return out
 
 
-def join_segments(t: pa.Table) -> pa.Array:
+def join_segments(t: pa.Table, segment_s: float = SEGMENT_S) -> pa.Array:
     """Video-wide track ids for the rows of a prediction table (needs ``image_uri``,
-    ``timestamp_s``, ``track_id``, ``bbox``, ``embedding``): a track starting a segment
-    continues the track that ended the segment before when they are at most ``TRACK_GAP``
-    samples apart and pass ``link_frames``' test (cosine and IoU of the last and first
-    faces); joined tracks take the first one's id.  A reader's post-pass: the job writes
-    segment-scoped ``track_id`` (each segment is scored and committed on its own), this
-    gives the ids a person keeps across boundaries.  Null where ``track_id`` is null."""
+    ``timestamp_s``, ``track_id``, ``bbox``, ``embedding``; ``segment_s``: the job's
+    ``--video-segment-s``).  A track starting a segment continues the track that ended the
+    segment before when they are at most ``TRACK_GAP`` samples apart and pass
+    ``link_frames``' test on the last and first faces; then each video's tracks are
+    numbered 0, 1, … in order of first appearance.  A local track is (video, the segment of
+    its frame's time, id), so ids already joined give the same answer again (a pass cut
+    short and run again).  Null where ``track_id`` is null."""
     tid = t.column("track_id").to_pylist()
     uris = t.column("image_uri").to_pylist()
     times = t.column("timestamp_s").to_pylist()
     boxes, embs = t.column("bbox").to_pylist(), t.column("embedding").to_pylist()
-    ends: dict[tuple[str, int], dict] = {}   # (video, track) → first/last face
-    for i, (u, k, ts) in enumerate(zip(uris, tid, times)):
-        if k is None:
+    keys = [None if k is None else (u, int(ts // segment_s), k) for u, k, ts in zip(uris, tid, times)]
+    ends: dict[tuple, dict] = {}   # local track → its first and last face (rows)
+    for i, key in enumerate(keys):
+        if key is None:
             continue
-        e = ends.setdefault((u, k), {"first": i, "last": i})
-        if ts < times[e["first"]]:
+        e = ends.setdefault(key, {"first": i, "last": i})
+        if times[i] < times[e["first"]]:
             e["first"] = i
-        if ts > times[e["last"]]:
+        if times[i] > times[e["last"]]:
             e["last"] = i
     video_times: dict[str, list[float]] = {}
     for u, ts in zip(uris, times):
         if ts is not None:
             video_times.setdefault(u, []).append(ts)
     box = lambda i: np.array([[boxes[i][c] for c in ("x", "y", "w", "h")]], np.float32)  # noqa: E731
-    parent: dict[tuple[str, int], tuple[str, int]] = {}
-    for u in {u for u, _ in ends}:
+    parent: dict[tuple, tuple] = {}
+    for u in {key[0] for key in ends}:
         steps = np.diff(np.unique(video_times[u]))
         reach = (TRACK_GAP + 1) * (float(np.median(steps)) if len(steps) else 0.0) + 1e-3
-        segs = sorted({k // TRACK_STRIDE for v, k in ends if v == u})
-        for s in segs[:-1]:
-            enders = [k for v, k in ends if v == u and k // TRACK_STRIDE == s]
-            starters = [k for v, k in ends if v == u and k // TRACK_STRIDE == s + 1]
+        by_seg: dict[int, list[tuple]] = {}
+        for key in ends:
+            if key[0] == u:
+                by_seg.setdefault(key[1], []).append(key)
+        for s in sorted(by_seg):
             pairs = []
-            for a in enders:
-                ia = ends[(u, a)]["last"]
-                for b in starters:
-                    ib = ends[(u, b)]["first"]
-                    if not 0 < times[ib] - times[ia] <= reach:
-                        continue
-                    cos = float(np.dot(embs[ia], embs[ib]))
-                    iou = float(_iou(box(ia), box(ib))[0, 0])
-                    if cos >= SAME_FACE_COS and (iou >= MIN_IOU or cos >= SURE_FACE_COS):
-                        pairs.append((cos + 0.5 * iou, a, b))
+            for a in by_seg[s]:
+                ia = ends[a]["last"]
+                for b in by_seg.get(s + 1, []):
+                    ib = ends[b]["first"]
+                    if 0 < times[ib] - times[ia] <= reach:
+                        score = _link_score(np.float32(np.dot(embs[ia], embs[ib])), _iou(box(ia), box(ib))[0, 0])
+                        if np.isfinite(score):
+                            pairs.append((float(score), a, b))
             used_a, used_b = set(), set()
             for _, a, b in sorted(pairs, reverse=True):
                 if a not in used_a and b not in used_b:
                     used_a.add(a), used_b.add(b)
-                    parent[(u, b)] = (u, a)
+                    parent[b] = a
 
-    def root(key: tuple[str, int]) -> int:
+    def root(key: tuple) -> tuple:
         while key in parent:
             key = parent[key]
-        return key[1]
+        return key
 
-    return pa.array([None if k is None else root((u, k)) for u, k in zip(uris, tid)], pa.int32())
+    first: dict[tuple, tuple] = {}   # joined track → (first time, its first local track) to number by
+    for key, e in ends.items():
+        r = root(key)
+        first[r] = min(first.get(r, (math.inf,)), (times[e["first"]], key[1], key[2]))
+    number: dict[tuple, int] = {}
+    count: dict[str, int] = {}
+    for r in sorted(first, key=lambda r: (r[0], first[r])):
+        number[r] = count[r[0]] = count.get(r[0], -1) + 1
+    return pa.array([None if key is None else number[root(key)] for key in keys], pa.int32())
+
+
+def finish_tracks(output_uri: str, segment_s: float, log=print) -> int:  # noqa: ANN001
+    """The scoring job's last step: rewrite the part files that hold rows of videos scored
+    in several segments, so ``track_id`` is one id per person across the whole video
+    (``join_segments``).  Segments are scored by different actors and committed as they
+    come, so no actor sees both sides of a boundary; this pass does, once every segment is
+    written.  Such videos are found by their segment-scoped ids (≥ ``TRACK_STRIDE``); joined
+    ids are below it, so a finished table is left alone and a pass cut short is redone.
+    Each file is rewritten whole (``storage.put_atomic``).  Returns the videos joined."""
+    import io
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    fs, files = storage.table_files(output_uri)
+    if not files:
+        return 0
+    ds = pads.dataset(files, filesystem=fs, format="parquet")
+    if "track_id" not in ds.schema.names:
+        return 0
+    todo = ds.to_table(columns=["image_uri"], filter=pc.field("track_id") >= TRACK_STRIDE).column("image_uri")
+    if not len(todo):
+        return 0
+    vids = pc.unique(todo.combine_chunks())
+    cols = ["image_uri", "timestamp_s", "track_id", "bbox", "embedding"]
+    wanted = pc.field("image_uri").isin(vids) & pc.field("track_id").is_valid()
+    found = {f.path: f.to_table(columns=cols, filter=wanted) for f in ds.get_fragments()}
+    found = {p: t for p, t in found.items() if t.num_rows}
+    rows = pa.concat_tables(found.values())
+    new = join_segments(rows, segment_s).to_pylist()
+    ids = {(u, ts, k): n for u, ts, k, n in zip(rows.column("image_uri").to_pylist(),
+                                                rows.column("timestamp_s").to_pylist(),
+                                                rows.column("track_id").to_pylist(), new)}
+    for path in found:
+        part = pq.read_table(path, filesystem=fs)
+        old = zip(part.column("image_uri").to_pylist(), part.column("timestamp_s").to_pylist(),
+                  part.column("track_id").to_pylist())
+        tracks = pa.array([ids.get(key, key[2]) for key in old], pa.int32())
+        part = part.set_column(part.schema.get_field_index("track_id"), part.schema.field("track_id"), tracks)
+        buf = io.BytesIO()
+        pq.write_table(part, buf, compression="zstd")
+        storage.put_atomic(fs, path, buf.getvalue())
+    log(f"videos: track ids joined across segment boundaries in {len(vids)} videos ({len(found)} files rewritten)")
+    return len(vids)
 
 
 def done_segments(existing: pa.Table, manifest: pa.Table) -> np.ndarray:

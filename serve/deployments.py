@@ -166,7 +166,7 @@ class PipelineCore:
         sizes = [len(c) for c in chips]
         ids = np.repeat(np.arange(len(chips)), sizes)
         every = np.concatenate(chips)
-        emb, builtin, feats = self.models.run(every, ids)
+        emb, builtin, feats, _ = self.models.run(every, ids)
         out = self._labelled(emb, builtin, feats, bundle, ids, every)
         cuts = np.cumsum(sizes)[:-1]
         faces = np.split(np.arange(len(emb)), cuts)

@@ -185,15 +185,21 @@ def test_video_rows_tracks_and_statuses(scored, clips, capsys):
         closer_a = e @ emb_a > e @ emb_b
         assert closer_a == (r["timestamp_s"] < SHOT_S), r["timestamp_s"]
     assert [r["identity"] for r in cut] == ["Andre_Agassi"] * 6 + ["Ariel_Sharon"] * 6
-    tracks = [r["track_id"] for r in cut]
-    # one track per person per shot; segment 1 (from 4 s) starts new ids
-    assert len(set(tracks[:6])) == 1 and len(set(tracks[6:8])) == 1 and len(set(tracks[8:])) == 1
-    assert len({tracks[0], tracks[6], tracks[8]}) == 3
-    assert tracks[8] // video.TRACK_STRIDE == 1
-    # the reader's post-pass joins B's two tracks across the 4 s boundary, and nothing else
-    joined = video.join_segments(pa.Table.from_pylist(cut)).to_pylist()
-    assert joined == [tracks[0]] * 6 + [tracks[6]] * 6
-    assert video.join_segments(t).null_count == t.column("track_id").null_count
+    # one track per person per shot, one id across the 4 s segment boundary (the job's last
+    # step joined B's segment-scoped tracks), numbered in order of first appearance
+    assert [r["track_id"] for r in cut] == [0] * 6 + [1] * 6
+    # the segment-scoped ids the actors wrote join to the same; so does a pass cut short
+    raw = pa.Table.from_pylist([{**r, "track_id": r["track_id"] + (video.TRACK_STRIDE if r["timestamp_s"] >= 4 else 0)}
+                                for r in cut])
+    assert video.join_segments(raw, segment_s=4).to_pylist() == [0] * 6 + [1] * 6
+    assert video.join_segments(pa.Table.from_pylist(cut), segment_s=4).to_pylist() == [0] * 6 + [1] * 6
+    # without B's faces before the boundary, A's track (ended 1.5 s before it) is not
+    # continued by B's after it
+    gap = raw.filter(pc.invert(pc.and_(pc.greater_equal(raw.column("timestamp_s"), 2.9),
+                                       pc.less(raw.column("timestamp_s"), 4.0))))
+    assert video.join_segments(gap, segment_s=4).to_pylist() == [0] * 6 + [1] * 4
+    assert video.join_segments(t, segment_s=4).null_count == t.column("track_id").null_count
+    assert pc.max(t.column("track_id")).as_py() < video.TRACK_STRIDE
 
     trunc = sorted(by["truncated.mp4"], key=lambda r: r["timestamp_s"])
     ok = [r for r in trunc if r["status"] == "ok"]
@@ -237,7 +243,7 @@ def test_resume_scores_each_video_segment_exactly_once(scored, clips, bundle, tm
     assert score_directory.main(resume) == 0
     assert "videos scored: 1" in capsys.readouterr().out   # only cut.mp4's missing segment
     again = _read(part)
-    key = lambda r: (r["image_uri"], r["timestamp_s"], r["face_index"], r["status"])  # noqa: E731
+    key = lambda r: (r["image_uri"], r["timestamp_s"], r["face_index"], r["status"], r["track_id"])  # noqa: E731
     assert sorted(map(key, again.to_pylist()), key=str) == sorted(map(key, t.to_pylist()), key=str)
     assert score_directory.main(resume) == 0
     assert _read(part).num_rows == again.num_rows   # nothing left to do: nothing written twice
