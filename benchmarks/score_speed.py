@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/score_speed.py [--portraits 1400] [--group-repeats 4] [--split]
                                                [--no-overhead] [--no-face-recognition]
+    .venv/bin/python benchmarks/score_speed.py --new-user 3 [--portraits 1400]
 
 On the same folders in one run: LFW-size portraits (``identities``; cycled when
 ``--portraits`` asks for more than the 1,449 there) and the WIDER group photos (``groups``;
@@ -16,6 +17,10 @@ On the same folders in one run: LFW-size portraits (``identities``; cycled when
 - ``--split``: the same jobs with split crop and embedding pools (``--embed-actors 1``),
   the plan CPU clusters had before the fused actor.
 - face_recognition CLI (dlib HOG + dlib ResNet, ``--cpus 2``) on the same folders.
+- ``--new-user N``: only the portraits, as a new user runs the job — its own local Ray
+  (``--num-cpus 2``), started and stopped by the command — N times as it is (no dashboard
+  for a Ray the job starts) and N times with the dashboard (``FACERAY_LOCAL_DASHBOARD=true``),
+  alternating, then face_recognition.
 - the pipeline on one core (a job on its own 1-CPU local Ray: one single-threaded actor)
   per photo, marginal, next to the sum of its kernels (read, decode, detect, warp, embed)
   timed alone on 1 thread: the pipeline's overhead.  (One core, because the machine's two
@@ -81,10 +86,10 @@ def kernels(files: list[Path]) -> dict[str, float]:
     return out
 
 
-def faceray_job(folder: Path, out: Path, *extra: str) -> tuple[float, int, int]:
+def faceray_job(folder: Path, out: Path, *extra: str, env: dict | None = None) -> tuple[float, int, int]:
     """Wall seconds of the job command, photos and faces (from its summary)."""
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", **(env or {}))
     env.pop("RAY_ADDRESS", None)  # only the flags say which cluster
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(ROOT / "jobs" / "score_directory.py"), "--input", str(folder),
@@ -113,7 +118,10 @@ def main() -> None:
     p.add_argument("--split", action="store_true", help="also time split crop/embed pools (--embed-actors 1)")
     p.add_argument("--no-overhead", action="store_true", help="skip the one-core pipeline vs kernels table")
     p.add_argument("--no-face-recognition", action="store_true")
+    p.add_argument("--new-user", type=int, metavar="N", help="only: N runs of the job with its own local Ray")
     args = p.parse_args()
+    if args.new_user:
+        return new_user(args)
     header("faceray scoring job vs face_recognition CLI; pipeline vs kernels")
     import ray
 
@@ -169,6 +177,34 @@ def main() -> None:
             total = sum(k[s] for s in ("read", "decode", "detect", "warp", "embed"))
             print(f"| {name} | " + " | ".join(f"{k[s] * 1e3:.1f}" for s in ("read", "decode", "detect", "warp", "embed"))
                   + f" | {total * 1e3:.1f} | {one_core * 1e3:.1f} | {100 * (one_core / total - 1):+.0f} % |")
+
+
+def new_user(args: argparse.Namespace) -> None:
+    """The job as a new user runs it (own local Ray), without and with Ray's dashboard."""
+    import statistics
+
+    header("a new user's command (own local Ray, 2 CPUs) vs face_recognition CLI, end to end")
+    lfw = portraits(args.portraits)
+    files = (lfw * -(-args.portraits // len(lfw)))[:args.portraits]
+    variants = {"default (no dashboard)": {}, "with the dashboard": {"FACERAY_LOCAL_DASHBOARD": "true"}}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = stage(files, Path(tmp) / "portraits")
+        faceray_job(folder, Path(tmp) / "warm", "--num-cpus", str(CPUS), "--limit", "20")  # fills the weights cache
+        for _ in range(args.new_user):
+            for name, env in variants.items():
+                wall, n, _ = faceray_job(folder, Path(tmp) / "out", "--num-cpus", str(CPUS), env=env)
+                times[name].append(wall)
+                print(f"  {name}: {wall:.1f} s ({n} photos), load {os.getloadavg()[0]:.1f}", flush=True)
+        t_fr = None if args.no_face_recognition else face_recognition_cli(folder, stage(files[:1], Path(tmp) / "known"))
+    print(f"\n| variant | {len(files)} portraits, s (median, min–max of {args.new_user}) | photos/s | vs face_recognition |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ratio = f"**{t_fr / med:.1f}×**" if t_fr else "-"
+        print(f"| faceray, {name} | {med:.1f} ({min(ts):.1f}–{max(ts):.1f}) | {len(files) / med:.1f} | {ratio} |")
+    if t_fr:
+        print(f"| face_recognition --cpus {CPUS} | {t_fr:.1f} | {len(files) / t_fr:.1f} | 1.0× |")
 
 
 if __name__ == "__main__":

@@ -80,11 +80,10 @@ def exit_now(code: int) -> None:
     import logging
     import os
 
-    if "ray" in sys.modules:
-        import ray
+    if "pipeline.runtime" in sys.modules:
+        from pipeline import runtime
 
-        if ray.is_initialized():
-            ray.shutdown()
+        runtime.shutdown()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

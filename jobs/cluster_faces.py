@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from pipeline.runtime import init_ray  # first: loads torch before ray
+    import torch  # noqa: F401  (before ray: pipeline/runtime.py)
+    from pipeline.runtime import init_ray
     from pipeline.people import cluster_table, read_faces  # noqa: I001
 
     read_faces(args.table)  # a table without faces or embeddings fails before Ray starts

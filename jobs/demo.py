@@ -66,7 +66,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     import pyarrow.dataset as pads
 
-    from pipeline.runtime import init_ray  # first: loads torch before ray
+    import torch  # noqa: F401  (before ray: pipeline/runtime.py)
+    from pipeline.runtime import init_ray
     from pipeline.people import cluster_table  # noqa: I001
     from pipeline.s3server import LocalS3
     from pipeline.scoring import score

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from pipeline.runtime import init_ray  # first: loads torch before ray
+    from pipeline.runtime import init_ray
     import ray  # noqa: I001
 
     from pipeline.resources import plan_resources
@@ -66,7 +66,8 @@ def _score(args: argparse.Namespace) -> int:
     settings = Settings.from_env(min_face=args.min_face, det_max_side=args.det_max_side,
                                  attributes=False if args.no_attributes else None, precision=args.precision,
                                  video_fps=args.video_fps, video_segment_s=args.video_segment_s)
-    init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
+    # the networks run in the actors: the driver loads torch only for a bundle (--model)
+    init_ray(args.ray_address, args.num_cpus, verbose=args.verbose, torch_first=bool(args.model))
     plan = plan_resources(ray.cluster_resources(), args.crop_actors, args.embed_actors, args.device_batch,
                           precision=settings.precision)
     from pipeline.parts import FILE_PHOTOS, FILE_SECONDS

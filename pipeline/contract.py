@@ -14,6 +14,11 @@ STATUSES: tuple[str, ...] = (OK, NO_FACE, DECODE_ERROR, READ_ERROR, TOO_LARGE)
 CLASSIFICATION, REGRESSION = "classification", "regression"
 UNKNOWN = "unknown"
 
+# Built-in attributes (DESIGN.md): every face's age, gender and emotion, in column order.
+# Here, not in pipeline/attributes.py (which loads torch), so a driver can name the columns.
+ATTRIBUTE_TASKS: tuple[tuple[str, str], ...] = (("age", "regression"), ("gender", "classification"),
+                                                ("emotion", "classification"))
+
 #: Photos with more pixels are ``too_large`` unless a setting says otherwise.
 DEFAULT_MAX_PIXELS = 120_000_000
 

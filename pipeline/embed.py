@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import DLIB_RESNET, BackboneSpec, load_backbone
+from pipeline.backbone import DLIB_RESNET, load_backbone
+from pipeline.geometry import BackboneSpec
 from pipeline.precision import PrecisionChoice, choose
 
 

@@ -67,3 +67,16 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     m[:, :2] = scale * rot
     m[:, 2] = mu_d - scale * rot @ mu_s
     return m
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of faceray needs to know about a backbone: its id (stored in model
+    bundles), embedding size, and the chip geometry its crops must use."""
+
+    id: str
+    embedding_dim: int
+    geometry: ChipGeometry
+
+
+DLIB_RESNET = BackboneSpec(id="dlib_resnet_v1", embedding_dim=128, geometry=DLIB_CHIP)

@@ -110,13 +110,11 @@ def choose(requested: str, device_type: str) -> PrecisionChoice:
 
 
 def describe_for_plan(requested: str, gpus: bool) -> str:
-    """The plan line's precision clause, decided on the driver: for CPU actors from this
-    machine's CPU (the workers' CPUs are taken to be alike), for GPU actors from the GPU
-    here if there is one, else the rule."""
+    """The plan line's precision clause, decided on the driver without torch: for CPU
+    actors from this machine's CPU (the workers' CPUs are taken to be alike), for GPU
+    actors the rule (or the forced precision)."""
     if gpus:
-        import torch
-
-        if requested == "auto" and not torch.cuda.is_available():
+        if requested == "auto":  # the driver may have no GPU: the actors decide on theirs
             return "precision auto: bf16 on GPUs with bf16, else fp16"
         return f"precision {choose(requested, 'cuda').describe()}"
     return f"precision {choose(requested, 'cpu').describe()}"

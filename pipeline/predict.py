@@ -21,7 +21,7 @@ Tasks = list[tuple[str, str]]
 def table_tasks(attributes: bool, bundle_tasks: Sequence[tuple[str, str]] = ()) -> Tasks:
     """The task columns of a table: the built-in attributes (unless switched off or
     replaced by a bundle task of the same name), then the bundle's tasks."""
-    from pipeline.attributes import ATTRIBUTE_TASKS
+    from pipeline.contract import ATTRIBUTE_TASKS
 
     trained = {name for name, _ in bundle_tasks}
     builtin = [t for t in ATTRIBUTE_TASKS if t[0] not in trained] if attributes else []

@@ -141,7 +141,7 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
 def _summary_json(summary: Summary, counted: dict, settings: Settings, input_uri: str, model_uri: str | None,
                   model_version: str | None, started_at: str, command: str | None) -> dict:
     """What ``_summary.json`` holds: the printed summary's figures and what made them."""
-    from pipeline.backbone import DLIB_RESNET
+    from pipeline.geometry import DLIB_RESNET
 
     return {"job": "score_directory", "run_id": summary.run_id, "photos": summary.photos, "videos": summary.videos,
             "skipped": summary.skipped, "faces": summary.faces, "rows": summary.rows,

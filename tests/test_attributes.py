@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.attributes import (AGE_BINS, ATTRIBUTE_TASKS, CYDRAL_AGE_INPUT, CYDRAL_GENDER_INPUT,
+from pipeline.attributes import (AGE_BINS, CYDRAL_AGE_INPUT, CYDRAL_GENDER_INPUT,
                                  EMOTION_LABELS, FER_INPUT, GENDER_LABELS, AttributeNets, ModelFileError,
                                  default_model_path, pyr_down, resample)
+from pipeline.contract import ATTRIBUTE_TASKS
 from pipeline.faces import FaceDetector, main_face_index
 from pipeline.photos import analyse_photo
 from pipeline.settings import Settings

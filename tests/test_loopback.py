@@ -66,6 +66,7 @@ def _is_loopback(hex_addr: str) -> bool:
 
 def test_local_ray_listens_on_loopback_only() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    env["FACERAY_LOCAL_DASHBOARD"] = "true"   # off by default for a local Ray; checked here too
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], capture_output=True, text=True,
                          env=env, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
