@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/score_speed.py [--portraits 1400] [--group-repeats 4] [--split]
                                                [--no-overhead] [--no-face-recognition]
-    .venv/bin/python benchmarks/score_speed.py --new-user 3 [--portraits 1400]
+    .venv/bin/python benchmarks/score_speed.py --new-user 3 [--before DIR] [--portraits 1400]
 
 On the same folders in one run: LFW-size portraits (``identities``; cycled when
 ``--portraits`` asks for more than the 1,449 there) and the WIDER group photos (``groups``;
@@ -17,10 +17,10 @@ On the same folders in one run: LFW-size portraits (``identities``; cycled when
 - ``--split``: the same jobs with split crop and embedding pools (``--embed-actors 1``),
   the plan CPU clusters had before the fused actor.
 - face_recognition CLI (dlib HOG + dlib ResNet, ``--cpus 2``) on the same folders.
-- ``--new-user N``: only the portraits, as a new user runs the job — its own local Ray
-  (``--num-cpus 2``), started and stopped by the command — N times as it is (no dashboard
-  for a Ray the job starts) and N times with the dashboard (``FACERAY_LOCAL_DASHBOARD=true``),
-  alternating, then face_recognition.
+- ``--new-user N [--before DIR]``: only the portraits, as a new user runs the job — its own
+  local Ray (``--num-cpus 2``), started and stopped by the command — N times as it is, with
+  the dashboard back on (``FACERAY_LOCAL_DASHBOARD=true``), and as the checkout ``DIR`` of
+  an earlier commit has it, alternating, then face_recognition once.
 - the pipeline on one core (a job on its own 1-CPU local Ray: one single-threaded actor)
   per photo, marginal, next to the sum of its kernels (read, decode, detect, warp, embed)
   timed alone on 1 thread: the pipeline's overhead.  (One core, because the machine's two
@@ -86,13 +86,17 @@ def kernels(files: list[Path]) -> dict[str, float]:
     return out
 
 
-def faceray_job(folder: Path, out: Path, *extra: str, env: dict | None = None) -> tuple[float, int, int]:
-    """Wall seconds of the job command, photos and faces (from its summary)."""
+def faceray_job(folder: Path, out: Path, *extra: str, env: dict | None = None,
+                root: Path = ROOT) -> tuple[float, int, int]:
+    """Wall seconds of the job command (``root``: the checkout whose job runs), photos and
+    faces (from its summary)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", **(env or {}))
     env.pop("RAY_ADDRESS", None)  # only the flags say which cluster
+    if root != ROOT:  # its own pipeline package, not the one installed (editable) from here
+        env["PYTHONPATH"] = str(root)
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "score_directory.py"), "--input", str(folder),
+    res = subprocess.run([sys.executable, str(root / "jobs" / "score_directory.py"), "--input", str(folder),
                           "--output", str(out), *extra],
                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -119,6 +123,8 @@ def main() -> None:
     p.add_argument("--no-overhead", action="store_true", help="skip the one-core pipeline vs kernels table")
     p.add_argument("--no-face-recognition", action="store_true")
     p.add_argument("--new-user", type=int, metavar="N", help="only: N runs of the job with its own local Ray")
+    p.add_argument("--before", metavar="DIR", help="with --new-user: also run the job of this checkout "
+                                                   "(e.g. `git worktree add /tmp/before <commit>`)")
     args = p.parse_args()
     if args.new_user:
         return new_user(args)
@@ -180,20 +186,24 @@ def main() -> None:
 
 
 def new_user(args: argparse.Namespace) -> None:
-    """The job as a new user runs it (own local Ray), without and with Ray's dashboard."""
+    """The job as a new user runs it (own local Ray): this checkout, with Ray's dashboard
+    switched back on, and ``--before``'s checkout (an earlier commit), alternating."""
     import statistics
 
     header("a new user's command (own local Ray, 2 CPUs) vs face_recognition CLI, end to end")
     lfw = portraits(args.portraits)
     files = (lfw * -(-args.portraits // len(lfw)))[:args.portraits]
-    variants = {"default (no dashboard)": {}, "with the dashboard": {"FACERAY_LOCAL_DASHBOARD": "true"}}
+    variants: dict[str, tuple[dict, Path]] = {"this checkout": ({}, ROOT),
+                                              "this checkout, dashboard on": ({"FACERAY_LOCAL_DASHBOARD": "true"}, ROOT)}
+    if args.before:
+        variants[f"before ({args.before})"] = ({}, Path(args.before).resolve())
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         folder = stage(files, Path(tmp) / "portraits")
         faceray_job(folder, Path(tmp) / "warm", "--num-cpus", str(CPUS), "--limit", "20")  # fills the weights cache
         for _ in range(args.new_user):
-            for name, env in variants.items():
-                wall, n, _ = faceray_job(folder, Path(tmp) / "out", "--num-cpus", str(CPUS), env=env)
+            for name, (env, root) in variants.items():
+                wall, n, _ = faceray_job(folder, Path(tmp) / "out", "--num-cpus", str(CPUS), env=env, root=root)
                 times[name].append(wall)
                 print(f"  {name}: {wall:.1f} s ({n} photos), load {os.getloadavg()[0]:.1f}", flush=True)
         t_fr = None if args.no_face_recognition else face_recognition_cli(folder, stage(files[:1], Path(tmp) / "known"))
