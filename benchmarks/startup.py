@@ -17,7 +17,8 @@ shared: the medians are what to read, with the load average printed beside them)
 - ``after``: ``ray.data.from_blocks`` (the metadata from the tables in the driver), and
   the converted weights read from ``Settings.cache_dir`` (``pipeline/weights_cache.py``;
   one warm-up run fills it), and the process ends with ``jobs.cli.exit_now`` (no
-  interpreter teardown) as ``jobs/score_directory.py`` now does.
+  interpreter teardown) as ``jobs/score_directory.py`` now does; the driver never imports
+  torch (the networks run in the actors; ``before`` imports it first, as every driver did).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 CPUS = 2
 MARK = "STARTUP-TIMES "
 PIECES = [  # (label, from mark, to mark): seconds between two marks of one run
-    ("python + imports (torch, ray, pipeline)", "spawn", "imported"),
+    ("python + imports (ray, pipeline; torch before)", "spawn", "imported"),
     ("ray.init (join the cluster)", "imported", "joined"),
     ("driver: check output, list, board", "score", "planning"),
     ("Ray Data plan (manifest → dataset)", "planning", "planned"),
@@ -53,7 +54,9 @@ PIECES = [  # (label, from mark, to mark): seconds between two marks of one run
 def child(args: argparse.Namespace) -> None:
     """The scoring job (jobs/score_directory._score's steps), with marks; prints them."""
     marks = {"spawn": float(os.environ["STARTUP_SPAWN"])}
-    from pipeline.runtime import init_ray  # torch first, as the job does
+    if args.child == "before":
+        import torch  # noqa: F401  (the driver loaded torch; the job without --model no longer does)
+    from pipeline.runtime import init_ray
     import ray  # noqa: I001
 
     from pipeline import scoring, stages
@@ -64,7 +67,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "before":
         ray.data.from_blocks = ray.data.from_arrow  # the manifest as it was handed over before
     settings = Settings.from_env(cache_dir=args.cache)
-    init_ray(args.address)
+    init_ray(args.address, torch_first=False)
     marks["joined"] = time.time()
     plan = plan_resources(ray.cluster_resources(), precision=settings.precision)
     report = Path(args.report)
