@@ -5,6 +5,10 @@
 Starts (or joins, with --ray-address / RAY_ADDRESS) Ray, serves on 127.0.0.1 until Ctrl-C
 or SIGTERM, then stops the local Ray it started with Serve in it (on a joined cluster: shuts
 Serve down, at most 5 s), and exits 130 / 143.  The token comes from FACERAY_API_TOKEN (or --token-env).
+
+On a Ray it starts itself (one node) the one FacePipeline replica answers HTTP on --port
+itself (Serve's direct ingress, no proxy hop; serve/ingress.py); on a cluster it joins, or
+with --replicas > 1, Serve's proxy answers there.  --ingress picks.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body cap (413 above)")
     p.add_argument("--replicas", "--faces-replicas", type=int,
                    help="FacePipeline replicas (default: from the cluster, pipeline/resources.py:serve_plan)")
+    p.add_argument("--ingress", choices=("auto", "direct", "proxy"), default="auto",
+                   help="who answers --port: the replica itself (direct: a Ray started here, one replica) "
+                        "or Serve's proxy; auto: direct where it can (default)")
     p.add_argument("--token-env", default="FACERAY_API_TOKEN",
                    help="environment variable holding the bearer token (unset: no token)")
     p.add_argument("--min-face", type=positive_int, help="smallest face side in photo pixels (default 20)")
@@ -46,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from serve import ingress
+
+    local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
+    args.ingress = ingress.choose(args.ingress, local, args.replicas)
+    if args.ingress == ingress.DIRECT:  # before ray.serve is imported and Ray starts: both read it
+        os.environ.update(ingress.direct_ingress_env(args.port))
     import torch  # noqa: F401  (before ray: pipeline/runtime.py)
     from pipeline.runtime import init_ray, started_local
     from ray import serve  # noqa: I001
@@ -74,13 +87,19 @@ def _serve(args: argparse.Namespace) -> int:
 def _run(serve, args: argparse.Namespace, settings, app_name: str, build_app) -> int:  # noqa: ANN001
     from pipeline import stopping
 
-    serve.start(http_options={"host": args.host, "port": args.port})
+    from serve import ingress
+
+    direct = args.ingress == ingress.DIRECT
+    ingress.start(serve, args.host, args.port, args.ingress)
     app = build_app({"model": args.model, "table": args.table, "people": args.people,
                      "table_embeddings": args.table_embeddings,
                      "max_body_bytes": int(args.max_body_mb * 1024 * 1024), "settings": settings,
-                     "replicas": args.replicas})
+                     "replicas": args.replicas, "direct_ingress": direct})
     serve.run(app, name=app_name, route_prefix="/")
-    print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz)", flush=True)
+    if direct:
+        ingress.check_direct(app_name, args.host, args.port)
+    how = "the replica answers HTTP itself (direct ingress)" if direct else "Serve's proxy"
+    print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz; {how})", flush=True)
     stopping.wait_forever()  # until SIGINT / SIGTERM: run_job exits 130 / 143
     return 0
 

@@ -43,8 +43,10 @@ class FacePipeline(PipelineCore):
     align → (batched) embed → heads, with no hop for the photo or its chips."""
 
     def __init__(self, predictions, settings: Settings, embeddings=None, features: bool = False,
-                 max_batch: int = 16, max_ongoing: int = 32) -> None:
-        super().__init__(settings, embeddings, features=features, max_batch=max_batch, max_ongoing=max_ongoing)
+                 max_batch: int = 16, max_ongoing: int = 32, detect_threads: int = 1,
+                 net_threads: int | None = None) -> None:
+        super().__init__(settings, embeddings, features=features, max_batch=max_batch, max_ongoing=max_ongoing,
+                         detect_threads=detect_threads, net_threads=net_threads)
         self.predictions = predictions
         self.api_token = settings.api_token or None
         self.max_body_bytes = DEFAULT_MAX_BODY
@@ -162,7 +164,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     table URI: lookups and search), ``people`` (cluster_faces.py output), ``table_embeddings`` (bool),
     ``max_body_bytes``, ``token``, ``replicas`` (FacePipeline replicas; default from the cluster,
     ``pipeline.resources.serve_plan``), ``max_ongoing`` (photo requests admitted per replica before
-    503), and ``settings`` (a ``Settings`` or a dict of its fields, e.g. ``min_face``) on top of
+    503), ``direct_ingress`` (bool; default: Serve runs direct ingress here and the cluster is
+    one node, ``serve.ingress``: then one replica holds the cores and answers HTTP itself), and
+    ``settings`` (a ``Settings`` or a dict of its fields, e.g. ``min_face``) on top of
     ``FACERAY_*``.  Settings are made here, once, and handed to every replica.
     ``serve/config.yaml``'s user_config overrides model/table/max_body_bytes/max_ongoing, and its
     ``autoscaling_config`` (if given) the replica count.
@@ -178,8 +182,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         settings = settings.model_copy(update={"api_token": args["token"]})
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     replicas = args.get("replicas") or args.get("faces_replicas")
-    plan = serve_plan(resources, replicas=int(replicas) if replicas else None)
-    opts = serve_actor_options(resources)
+    direct = args.get("direct_ingress")
+    if direct is None:
+        from serve import ingress
+
+        direct = ingress.enabled() and ray.is_initialized() and sum(n["Alive"] for n in ray.nodes()) == 1
+    plan = serve_plan(resources, replicas=int(replicas) if replicas else None, direct=bool(direct))
+    opts = serve_actor_options(resources, plan)
     max_ongoing = int(args.get("max_ongoing") or plan.max_ongoing)
     # the attribute networks also run with --no-attributes when the bundle's heads read their features
     features = False
@@ -204,4 +213,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         backpressure_config={"retry_after_s": RETRY_AFTER_S},
         user_config={"model_uri": args.get("model"), "max_ongoing": max_ongoing,
                      "max_body_bytes": int(args.get("max_body_bytes") or DEFAULT_MAX_BODY)},
-    ).bind(predictions, settings, embeddings, features=features, max_batch=plan.max_batch, max_ongoing=max_ongoing)
+    ).bind(predictions, settings, embeddings, features=features, max_batch=plan.max_batch, max_ongoing=max_ongoing,
+           detect_threads=plan.detect_threads, net_threads=plan.net_threads)

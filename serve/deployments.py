@@ -15,6 +15,7 @@ in the prediction table:
 Settings arrive as a constructor argument (made once in ``build_app``), never read here.
 """
 import asyncio
+import queue
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -99,24 +100,34 @@ class ChipBatcher:
 
 
 class PipelineCore:
-    """One replica's face pipeline: a detector (one thread), the networks (``FaceModels``,
-    or a handle to GPU ``Embeddings``) and the bundle; photo requests are admitted up to
-    ``max_ongoing`` (beyond: 503 + Retry-After, ``serve.http.Admission``), their chips batched
-    at the networks."""
+    """One replica's face pipeline: ``detect_threads`` decode/detect threads (a detector each),
+    the networks (``FaceModels`` on ``net_threads`` torch threads, or a handle to GPU
+    ``Embeddings``) and the bundle; photo requests are admitted up to ``max_ongoing`` (beyond:
+    503 + Retry-After, ``serve.http.Admission``), their chips batched at the networks."""
 
     def __init__(self, settings: Settings, embeddings: Any = None, features: bool = False,
-                 max_batch: int = 16, max_ongoing: int = 32) -> None:
+                 max_batch: int = 16, max_ongoing: int = 32, detect_threads: int = 1,
+                 net_threads: int | None = None) -> None:
         from pipeline.faces import FaceDetector
 
         self.settings = settings
-        self.detector = FaceDetector.from_settings(settings)
-        self._detect = ThreadPoolExecutor(1, thread_name_prefix="detect")  # one detector, one thread
+        # one detector per thread (a YuNet session is used by one thread at a time): a replica
+        # holding several cores decodes/detects several photos at once, as the batch job's actors do
+        n = max(1, int(detect_threads))
+        self._detectors: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(n):
+            self._detectors.put(FaceDetector.from_settings(settings))
+        self._detect = ThreadPoolExecutor(n, thread_name_prefix="detect")
         self.embeddings = embeddings            # GPU clusters: a handle; else the networks are here
         self.models = None
         if embeddings is None:
             from pipeline.predict import FaceModels
 
             self.models = FaceModels(settings, None, 32, features=features)  # faces per forward, as the batch job
+            if net_threads:  # after FaceModels, which sets one thread per CPU of the replica
+                import torch
+
+                torch.set_num_threads(int(net_threads))
         self._state: tuple[str | None, Any] = (None, None)
         self.admission = Admission(max_ongoing, RETRY_AFTER_S)
         self._batcher = ChipBatcher(self._embed, max_batch)
@@ -140,13 +151,19 @@ class PipelineCore:
         self._state = (uri, bundle)
 
     async def analyse(self, data: bytes):
-        """Decode → detect → align in the detector's thread (the event loop stays free)."""
-        from pipeline.photos import analyse_photo
-
+        """Decode → detect → align in a detector thread (the event loop stays free)."""
         loop = asyncio.get_running_loop()
         with self._batcher.upstream():  # its chips will follow: the batch waits for them
-            return await loop.run_in_executor(self._detect, analyse_photo, data, self.detector,
-                                              self.settings.max_pixels, self.settings.max_bytes)
+            return await loop.run_in_executor(self._detect, self._analyse, data)
+
+    def _analyse(self, data: bytes):
+        from pipeline.photos import analyse_photo
+
+        detector = self._detectors.get()  # never empty: as many detectors as threads
+        try:
+            return analyse_photo(data, detector, self.settings.max_pixels, self.settings.max_bytes)
+        finally:
+            self._detectors.put(detector)
 
     async def predict(self, chips: np.ndarray) -> tuple[np.ndarray, list[dict[str, dict]], str | None]:
         """One photo's chips → (embeddings, per face {task: {label, score}}, bundle version)."""

@@ -39,3 +39,48 @@ def test_overrides() -> None:
     one = plan_resources({"CPU": 2.0}, crop_actors=1, device_batch=8)
     assert one.fused and one.crop_actors == 1 and one.device_batch == 8 and _fits(one)
     assert plan_resources({"CPU": 8.0, "GPU": 1.0}, crop_actors=3).crop_actors == 3
+
+
+@pytest.mark.parametrize("cpus", [2, 4, 16])
+def test_serve_plan_direct_is_one_replica_holding_the_cores_and_the_proxy_one_per_core(cpus: int) -> None:
+    from pipeline.resources import serve_actor_options, serve_plan
+
+    res = {"CPU": float(cpus)}
+    proxy, direct = serve_plan(res), serve_plan(res, direct=True)
+    assert proxy.replicas == plan_resources(res).crop_actors and not proxy.direct
+    assert direct.replicas == 1 and direct.direct and direct.autoscaling_config()["max_replicas"] == 1
+    # the one replica holds what the proxy plan's replicas hold together, one detect thread per core
+    assert direct.replica_cpus >= proxy.replicas * proxy.replica_cpus - (0.05 if cpus <= 4 else 1.0)
+    assert direct.replica_cpus + direct.side_cpus <= cpus
+    assert direct.detect_threads == round(direct.replica_cpus) and proxy.detect_threads == 1
+    assert direct.max_ongoing == proxy.max_ongoing * direct.detect_threads
+    assert serve_actor_options(res, direct)["FacePipeline"]["num_cpus"] == direct.replica_cpus
+    assert "direct ingress" in direct.describe() and "proxy" in proxy.describe()
+
+
+def test_ingress_direct_only_on_a_ray_started_here_with_one_replica() -> None:
+    from pipeline.contract import UsageError
+    from serve import ingress
+
+    assert ingress.choose("auto", local=True, replicas=None) == ingress.DIRECT
+    assert ingress.choose("auto", local=True, replicas=1) == ingress.DIRECT
+    assert ingress.choose("auto", local=True, replicas=2) == ingress.PROXY
+    assert ingress.choose("auto", local=False, replicas=None) == ingress.PROXY  # a cluster we join
+    assert ingress.choose("proxy", local=True, replicas=None) == ingress.PROXY
+    with pytest.raises(UsageError):
+        ingress.choose("direct", local=False, replicas=None)
+    env = ingress.direct_ingress_env(8123)
+    # Serve's port range is [min, max): exactly the user's port, so exactly one replica
+    span = env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]
+    assert span == ("8123", "8124")
+
+
+def test_listening_reads_the_bound_address() -> None:
+    import socket
+
+    from serve import ingress
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert ingress.listening(s.getsockname()[1]) == {"127.0.0.1"}
