@@ -1,19 +1,23 @@
 """Bounded load test of the HTTP endpoint against the batch job, loopback only, one run:
 
 1. the batch job (``pipeline.scoring.score``, the same Ray, before the app takes the cores)
-   on P/2 and P of a pool of portraits, twice: its **marginal photos/s** (fixed start-up
-   cancelled out);
-2. POST /v1/faces with those portraits only, at 1, 4, 16 and 64 concurrent clients
-   (``--sweep``): photos/s, p50/p99, and the **ratio** to the batch job's photos/s;
+   on 2P and 4P photos (a pool of P portraits read over), 3 times: its **marginal photos/s**
+   (fixed start-up cancelled out);
+2. the endpoint as ``jobs/serve_api.py`` starts it on a Ray it starts (one node: the one
+   FacePipeline replica answers the one URL itself, ``serve.ingress``; ``--proxy``: Serve's
+   proxy in front, as on a multi-node cluster), and POST /v1/faces to that URL with those
+   portraits only, at 1, 4, 16 and 64 concurrent clients (``--sweep``): photos/s, p50/p99,
+   and the **ratio** to the batch job's photos/s;
 3. the mixed run (``--clients``, ``--seconds``): real photos (portraits, group photos)
    plus bad requests (empty, text, truncated JPEG, a PNG header claiming 3.6 gigapixels,
    a body over the cap, a missing token) and, with a table, lookups.
 
 503 with ``Retry-After`` is the designed answer of a full replica: the clients wait as told
-and it is counted apart.  Exit 1 on any other 5xx or a transport error, and (sweep) when
-the ratio is under 0.6 or p99 at 16 clients is ≥ 4× the single-request p50.
+and it is counted apart.  Exit 1 on any other 5xx or a transport error; the targets (ratio
+≥ 0.6, p99 at 16 clients < 4× the single-request p50) are printed met / MISSED.
 
     .venv/bin/python benchmarks/serve_load.py                       # starts Ray + the app
+    .venv/bin/python benchmarks/serve_load.py --proxy               # the same behind Serve's proxy
     .venv/bin/python benchmarks/serve_load.py --seconds 30 --clients 32 --model DIR --table DIR
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --sweep ''   # a running endpoint
 """
@@ -129,8 +133,19 @@ def default_cases(data_dir: Path, max_body: int = 20 * 1024 * 1024, image_uris: 
     return cases
 
 
+async def _send(http, case: Case, headers: dict[str, str]) -> tuple[int, dict]:
+    """One request with either client library: (status, headers); raises its transport errors."""
+    if hasattr(http, "aclose"):  # httpx.AsyncClient
+        r = await http.request(case.method, case.path, content=case.body or None, headers=headers)
+        return r.status_code, r.headers
+    async with http.request(case.method, case.path, data=case.body or None, headers=headers) as r:
+        await r.read()
+        return r.status, r.headers
+
+
 async def _client(http, cases: list[Case], weights: list[float], deadline: float, token: str | None,
                   result: LoadResult, rng: random.Random) -> None:
+    import aiohttp
     import httpx
 
     while time.monotonic() < deadline:
@@ -140,9 +155,8 @@ async def _client(http, cases: list[Case], weights: list[float], deadline: float
             headers["authorization"] = f"Bearer {token}"
         t = time.perf_counter()
         try:
-            r = await http.request(case.method, case.path, content=case.body or None, headers=headers)
-            status = r.status_code
-        except httpx.HTTPError as exc:
+            status, rheaders = await _send(http, case, headers)
+        except (httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             result.transport_errors[f"{case.kind}:{type(exc).__name__}"] += 1
             continue
         ms = (time.perf_counter() - t) * 1000
@@ -152,69 +166,50 @@ async def _client(http, cases: list[Case], weights: list[float], deadline: float
         if status == 200:
             result.photos_ok[case.kind] += 1
             result.ok_ms[case.kind].append(ms)
-        retry = r.headers.get("retry-after", "")
+        retry = rheaders.get("retry-after", "")
         if status == 503 and retry.isdigit():
             result.designed_503 += 1   # full: the service said when to come back; wait as told
-            if not r.headers.get("content-type", "").startswith("application/json"):
+            if not rheaders.get("content-type", "").startswith("application/json"):
                 result.native_503 += 1  # Serve's own queue limit (plain text), not our JSON shape
             await asyncio.sleep(min(float(retry), max(0.0, deadline - time.monotonic())))
 
 
 async def _run(base_urls: list[str], cases: list[Case], seconds: float, clients: int,
-               token: str | None) -> LoadResult:
-    import httpx
-
+               token: str | None, library: str = "aiohttp") -> LoadResult:
     result = LoadResult(seconds, clients)
     weights = [c.weight for c in cases]
     per = -(-clients // len(base_urls))
-    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
-    https = [httpx.AsyncClient(base_url=u, timeout=120, limits=limits) for u in base_urls]
+    if library == "httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+        https = [httpx.AsyncClient(base_url=u, timeout=120, limits=limits) for u in base_urls]
+    else:  # about half httpx's CPU per request: the clients share the server's cores here
+        import aiohttp
+
+        https = [aiohttp.ClientSession(base_url=u, timeout=aiohttp.ClientTimeout(total=120),
+                                       connector=aiohttp.TCPConnector(limit=per)) for u in base_urls]
     try:
         started = time.monotonic()
-        # client i talks to address i mod n (direct ingress: one per replica, no balancer)
+        # client i talks to address i mod n
         await asyncio.gather(*(_client(https[i % len(https)], cases, weights, started + seconds, token, result,
                                        random.Random(i)) for i in range(clients)))
         result.seconds = time.monotonic() - started
     finally:
         for http in https:
-            await http.aclose()
+            await (http.aclose() if hasattr(http, "aclose") else http.close())
     return result
 
 
 def run_load(base_url: str | list[str], cases: list[Case], seconds: float = 30, clients: int = 32,
-             token: str | None = None) -> LoadResult:
+             token: str | None = None, library: str = "aiohttp") -> LoadResult:
     """Drive the endpoint (one address, or several spread over the clients) for ``seconds``
-    with ``clients`` concurrent connections."""
+    with ``clients`` concurrent connections (``library``: "aiohttp" or "httpx")."""
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
     for u in urls:
         if not u.startswith(("http://127.", "http://localhost")):
             raise ValueError(f"loopback only: {u}")
-    return asyncio.run(_run(urls, cases, seconds, clients, token))
-
-
-def direct_ingress_urls(app_name: str) -> list[str]:
-    """Direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): each ingress replica serves
-    HTTP on its own port; their addresses, from the Serve controller, each checked to be
-    listening on 127.0.0.1 only (``ss -ltn``; nothing bound to a wildcard or another address)."""
-    import subprocess
-
-    import ray
-    from ray.serve.context import _get_global_client
-
-    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
-    targets = [t for g in groups if g.app_name == app_name for t in g.targets]
-    listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout.split("\n")
-    urls = []
-    for t in targets:
-        binds = {line.split()[3].rsplit(":", 1)[0] for line in listening
-                 if len(line.split()) > 3 and line.split()[3].rsplit(":", 1)[1] == str(t.port)}
-        if t.ip != "127.0.0.1" or binds != {"127.0.0.1"}:
-            raise RuntimeError(f"direct ingress replica {t.name} listens on {sorted(binds) or t.ip}:{t.port}, "
-                               "not on 127.0.0.1 only")
-        urls.append(f"http://127.0.0.1:{t.port}")
-    if not urls:
-        raise RuntimeError(f"direct ingress: no replica address for {app_name} ({groups})")
-    return urls
+    return asyncio.run(_run(urls, cases, seconds, clients, token, library))
 
 
 class CpuMeter:
@@ -288,21 +283,27 @@ def portrait_cases(files: list[Path]) -> list[Case]:
     return [Case("portrait", "POST", "/v1/faces", f.read_bytes(), {"content-type": "image/jpeg"}) for f in files]
 
 
-def batch_marginal(files: list[Path], model: str | None, repeats: int = 2) -> tuple[float, float, list[str]]:
-    """The batch job's marginal photos/s on ``files``: the job on the first half and on all of
-    them (after a small warm-up job: the first dataset of a process pays ~6 s once), each
-    ``repeats`` times, fastest wall kept; (n_all - n_half) / (t_all - t_half); and the same
-    per CPU-second (least CPU kept: ``tree_cpu_seconds``)."""
+def batch_marginal(files: list[Path], model: str | None, repeats: int = 3, scale: int = 4
+                   ) -> tuple[float, float, list[str]]:
+    """The batch job's marginal photos/s on ``files``: the job on ``scale`` × half of them and
+    on ``scale`` × all of them (the pool repeated under other names: with 400 vs 800 photos the
+    difference, ~1.6 s, drowned in the job's start-up noise, ~±1 s, and gave "marginal" rates
+    above what its own CPU-seconds allow), after a small warm-up job (the first dataset of a
+    process pays ~6 s once), each ``repeats`` times, fastest wall kept;
+    (n_all - n_half) / (t_all - t_half); and the same per CPU-second (least CPU kept:
+    ``tree_cpu_seconds``)."""
     import tempfile
 
     from pipeline.scoring import score
 
     lines, best, cpu = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        for k, n in enumerate([min(16, len(files))] + [len(files) // 2, len(files)] * repeats):
+        sizes = [scale * len(files) // 2, scale * len(files)]
+        for k, n in enumerate([min(16, len(files))] + sizes * repeats):
             src = Path(tmp) / f"in{k}"
             src.mkdir()
-            for i, f in enumerate(files[:n]):
+            for i in range(n):
+                f = files[i % len(files)]
                 (src / f"{i:05d}_{f.name}").symlink_to(f)
             t, c = time.perf_counter(), tree_cpu_seconds()
             summary = score(str(src), str(Path(tmp) / f"out{k}"), model_uri=model, log=lambda *_: None)
@@ -318,22 +319,30 @@ def batch_marginal(files: list[Path], model: str | None, repeats: int = 2) -> tu
     lines.append(f"batch job marginal: {marginal:.1f} photos/s ((n {n2} - {n1}) / ({t2:.1f} - {t1:.1f} s), "
                  f"fastest of {repeats}); {per_cpu:.1f} photos per CPU-second "
                  f"({n2 - n1} / ({cpu[n2]:.1f} - {cpu[n1]:.1f}), least of {repeats})")
+    cores = os.cpu_count() or 1
+    if marginal > 1.1 * per_cpu * cores:
+        lines.append(f"  WARNING: {marginal:.0f} photos/s is more than {cores} cores at {per_cpu:.0f} photos per "
+                     "CPU-second allow: start-up noise, the ratio below is not meaningful")
     return marginal, per_cpu, lines
 
 
-def sweep(url: str | list[str], files: list[Path], levels: list[int], seconds: float, token: str | None
-          ) -> tuple[dict[int, LoadResult], list[str]]:
-    """POST /v1/faces with the pool's portraits at each client count."""
+def sweep(url: str | list[str], files: list[Path], levels: list[int], seconds: float, token: str | None,
+          library: str = "aiohttp") -> tuple[dict[int, LoadResult], list[str]]:
+    """POST /v1/faces with the pool's portraits at each client count (after a short warm-up);
+    per level also the server's (local Ray's) and the clients' (this process's) CPU per second."""
     cases = portrait_cases(files)
     out, lines = {}, []
-    run_load(url, cases, min(3.0, seconds), max(levels), token)  # warm-up: threads, batches, connections
+    run_load(url, cases, min(3.0, seconds), max(levels), token, library)  # warm-up: threads, batches, connections
     for n in levels:
-        c = tree_cpu_seconds(self_too=False)
-        r = run_load(url, cases, seconds, n, token)
+        c, a = tree_cpu_seconds(self_too=False), tree_cpu_seconds()
+        r = run_load(url, cases, seconds, n, token, library)
         r.cpu_seconds = tree_cpu_seconds(self_too=False) - c
+        clients_cpu = tree_cpu_seconds() - a - r.cpu_seconds
         out[n] = r
         lat = r.ok_latencies("portrait")
-        per_cpu = f"  {r.photos_ok['portrait'] / r.cpu_seconds:6.1f} photos/CPU-s" if r.cpu_seconds > 0 else ""
+        per_cpu = (f"  {r.photos_ok['portrait'] / r.cpu_seconds:6.1f} photos/CPU-s (server "
+                   f"{r.cpu_seconds / r.seconds:.2f}, clients {clients_cpu / r.seconds:.2f} cores)"
+                   if r.cpu_seconds > 0 else "")
         lines.append(f"{n:3d} clients: {r.photos_ok['portrait'] / r.seconds:6.1f} photos/s{per_cpu}  p50 "
                      f"{np.nanpercentile(lat, 50):5.0f} ms  p99 {np.nanpercentile(lat, 99):5.0f} ms  "
                      f"503+Retry-After {r.designed_503} (Serve's {r.native_503})  other 5xx {r.server_errors}  "
@@ -369,10 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", help="prediction table for the app started here (also adds lookups)")
     p.add_argument("--token", default=os.environ.get("FACERAY_API_TOKEN") or "load-test-token")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    p.add_argument("--direct", action="store_true",
-                   help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 for the Ray started here): "
-                        "the clients talk to the FacePipeline replicas' own 127.0.0.1 ports, no proxy hop")
-    p.add_argument("--replicas", type=int, help="FacePipeline replicas (default: serve_plan)")
+    p.add_argument("--proxy", action="store_true",
+                   help="Serve's proxy answers the URL (as on a multi-node cluster or a joined one); default: "
+                        "as jobs/serve_api.py on a Ray it starts, the one replica answers it itself")
+    p.add_argument("--replicas", type=int, help="FacePipeline replicas (default: serve_plan; > 1: the proxy)")
+    p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                   help="the load generator's HTTP library (it shares the cores with the server)")
+    p.add_argument("--batch-repeats", type=int, default=3, help="runs of the batch job per size (fastest kept)")
+    p.add_argument("--batch-scale", type=int, default=4,
+                   help="the batch job reads the pool this many times over (2 × 800 and 4 × 800 photos)")
     args = p.parse_args(argv)
     header("serve_load: the HTTP endpoint under concurrent clients, next to the batch job")
     try:
@@ -385,15 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.sweep.split(",") if x.strip()]
     started_here = args.url is None
     url = args.url
-    marginal, marginal_cpu, ok, targets = None, None, True, True
+    marginal, marginal_cpu, ok, targets = None, None, True, {}
     if started_here:
-        import socket
+        from serve import ingress
 
+        mode = ingress.choose(ingress.PROXY if args.proxy else "auto", True, args.replicas)
+        port = ingress.free_port("127.0.0.1")
         for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                      "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
             os.environ.setdefault(k, v)   # before the first `import ray`, which reads them
-        if args.direct:
-            os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's processes at start
+        if mode == ingress.DIRECT:  # as jobs/serve_api.py: before Ray and ray.serve start
+            os.environ.update(ingress.direct_ingress_env(port))
         import ray
         from ray import serve
 
@@ -403,25 +419,24 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
                  log_to_driver=False)
         if levels and not args.no_batch:  # first, alone on the cores: Serve's replicas would hold them
-            marginal, marginal_cpu, lines = batch_marginal(pool, args.model)
+            marginal, marginal_cpu, lines = batch_marginal(pool, args.model, args.batch_repeats, args.batch_scale)
             print("\n".join(lines), flush=True)
-        print(f"endpoint plan: {serve_plan(ray.cluster_resources(), replicas=args.replicas).describe()}")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        direct = mode == ingress.DIRECT
+        print(f"endpoint plan: {serve_plan(ray.cluster_resources(), args.replicas, direct).describe()}")
         t = time.monotonic()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ingress.start(serve, "127.0.0.1", port, mode)
         serve.run(build_app({"model": args.model, "table": args.table, "token": args.token,
-                             "replicas": args.replicas}), name=APP_NAME, route_prefix="/")
-        print(f"app ready in {time.monotonic() - t:.1f} s on 127.0.0.1:{port}", flush=True)
+                             "replicas": args.replicas, "direct_ingress": direct}), name=APP_NAME, route_prefix="/")
+        if direct:
+            ingress.check_direct(APP_NAME, "127.0.0.1", port)
         url = f"http://127.0.0.1:{port}"
-        if args.direct:
-            url = direct_ingress_urls(APP_NAME)
-            print(f"direct ingress: clients spread over {', '.join(url)} (each bound to 127.0.0.1 only)", flush=True)
+        who = "the FacePipeline replica itself (direct ingress)" if direct else "Serve's proxy"
+        print(f"app ready in {time.monotonic() - t:.1f} s; one URL, {url}, answered by {who}; "
+              f"listening there: {sorted(ingress.listening(port))}", flush=True)
     try:
-        results, lines = sweep(url, pool, levels, args.sweep_seconds, args.token) if levels else ({}, [])
+        results, lines = sweep(url, pool, levels, args.sweep_seconds, args.token, args.client) if levels else ({}, [])
         print("\n".join(lines), flush=True)
-        mixed = run_load(url, cases, args.seconds, args.clients, args.token) if args.seconds > 0 else None
+        mixed = run_load(url, cases, args.seconds, args.clients, args.token, args.client) if args.seconds > 0 else None
     finally:
         if started_here:
             serve.shutdown()
@@ -436,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             per_level = "".join(f"; {n} clients {v / marginal:.2f}" for n, v in rates.items())
             print(f"ratio endpoint / batch job: {rates[best]:.1f} / {marginal:.1f} = {ratio:.2f} "
                   f"(best, {best} clients; target ≥ 0.6){per_level}")
-            targets &= ratio >= 0.6
+            targets["ratio ≥ 0.6"] = ratio >= 0.6
         if marginal_cpu and started_here:
             cpu_rates = {n: r.photos_ok["portrait"] / r.cpu_seconds for n, r in results.items() if r.cpu_seconds > 0}
             if cpu_rates:
@@ -450,14 +465,14 @@ def main(argv: list[str] | None = None) -> int:
             p99 = float(np.nanpercentile(results[16].ok_latencies("portrait"), 99))
             print(f"p99 at 16 clients / single-request p50: {p99:.0f} / {single:.0f} ms = {p99 / single:.1f}× "
                   f"(target < 4×)")
-            targets &= p99 < 4 * single
+            targets["p99 at 16 clients < 4× single"] = p99 < 4 * single
     if mixed is not None:
         print("mixed run:")
         for line in mixed.lines():
             print(line)
         ok &= mixed.server_errors == 0 and not mixed.transport_errors
     print("errors:", "none (no 5xx but the designed 503s, no transport errors)" if ok else "FAIL: see above")
-    print("targets:", "met" if targets else "MISSED (ratio ≥ 0.6, p99 at 16 clients < 4× single)")
+    print("targets:", "; ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()) or "none measured")
     return 0 if ok else 1   # a missed speed target is a figure to report, not a broken run
 
 
