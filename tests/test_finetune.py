@@ -113,7 +113,10 @@ def test_one_and_two_workers_agree(tuned_bundle, tmp_path):
     a, b = one.metrics["test"]["identity"]["accuracy"], two["test"]["identity"]["accuracy"]
     print("METRIC finetune 1 worker", a, "2 workers", b)
     assert one.embed_info["embedded"] == 0 and one.metrics["workers"] == 1
-    assert abs(a - b) <= 0.15   # 10 test faces: one or two of them
+    n = one.metrics["test"]["identity"]["faces"]
+    assert n == two["test"]["identity"]["faces"]
+    # ~10 test faces, 3 epochs with random augmentation: the two runs may differ by one or two
+    assert round(abs(a - b) * n) <= 2
 
 
 def test_killed_worker_resumes_fine_tuning(tuned_bundle, tmp_path):
