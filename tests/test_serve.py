@@ -512,7 +512,8 @@ def test_fine_tuned_bundle_answers_with_its_backbone(api, scored, people_table, 
     """A --finetune bundle deployed live: its heads read its own backbone's embedding of each
     chip (as the batch job's, test_finetune.py), while the response's embedding stays the base one."""
     from pipeline.faces import FaceDetector
-    from pipeline.heads import ModelBundle
+    from pipeline.contract import UNKNOWN
+    from pipeline.heads import ModelBundle, cosine_distance
     from pipeline.photos import analyse_photo
     from pipeline.settings import Settings
 
@@ -524,7 +525,9 @@ def test_fine_tuned_bundle_answers_with_its_backbone(api, scored, people_table, 
         time.sleep(0.2)
     settings = Settings()
     detector = FaceDetector.from_settings(settings)
-    checked = 0
+    spec = bundle.specs[0]
+    centroids = bundle._centroids["identity"]
+    checked, borderline = 0, []
     for name, rows in sorted(_rows_by_photo(scored["rows"]).items()):
         if rows[0]["status"] != "ok" or rows[0]["face_count"] > 3:
             continue
@@ -535,10 +538,20 @@ def test_fine_tuned_bundle_answers_with_its_backbone(api, scored, people_table, 
         base = np.asarray([f["embedding"] for f in body["faces"]], np.float32)
         for row, face in zip(rows, body["faces"]):   # the response's embedding: the base network's
             assert float(np.dot(face["embedding"], row["embedding"])) >= 0.999
-        labels, scores = bundle.predict(bundle.head_embeddings(np.asarray(chips), base, settings.precision),
-                                        np.zeros(len(base), np.int64))["identity"]
-        assert [f["predictions"]["identity"]["label"] for f in body["faces"]] == list(labels), name
-        np.testing.assert_allclose([f["predictions"]["identity"]["score"] for f in body["faces"]], scores,
-                                   atol=0.02)
+        tuned = bundle.head_embeddings(np.asarray(chips), base, settings.precision)
+        labels, scores = bundle.predict(tuned, np.zeros(len(base), np.int64))["identity"]
+        served = [f["predictions"]["identity"]["label"] for f in body["faces"]]
+        same = [i for i, (a, b) in enumerate(zip(served, labels)) if a == b]
+        # bf16: the replica's batch (other requests' chips beside these) moves a face's
+        # probability by < 0.01, so a face on an open-set threshold may fall either side of it
+        for i in sorted(set(range(len(labels))) - set(same)):
+            k = spec.labels.index(served[i] if served[i] != UNKNOWN else labels[i])
+            margin = min(abs(bundle.raw(tuned[i:i + 1])["identity"][0, k] - spec.min_prob),
+                         abs(cosine_distance(tuned[i:i + 1], centroids)[0, k] - spec.max_dist))
+            assert margin < 0.02, (name, i, served[i], labels[i], margin)
+            borderline.append((name, i))
+        np.testing.assert_allclose([body["faces"][i]["predictions"]["identity"]["score"] for i in same],
+                                   scores[same], atol=0.02)
         checked += len(base)
     assert checked >= PEOPLE * HELD_OUT
+    assert len(borderline) <= 1, borderline   # every other face named as the tuned backbone names it
