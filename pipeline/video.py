@@ -25,9 +25,10 @@
   segment is written) joins a track ending one segment to the one starting the next by the
   same test (``join_segments``) and numbers each video's tracks 0, 1, … — one id per person
   across the whole video, as DESIGN.md says.
-* **Identities per track** (``decide_tracks``): with a bundle, open-set classification
-  tasks (identities) are decided once per track on its mean embedding and written to all
-  its faces, score included; other tasks and the built-in attributes stay per face.
+* **Per track** (``decide_tracks``): age and gender (``PER_TRACK``) are the track's —
+  mean age, score-weighted gender vote — on every face of it; with a bundle, open-set
+  classification tasks (identities) are decided once per track on its mean embedding and
+  written to all its faces, score included; emotion and other tasks stay per face.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ TRACK_GAP = 3            # a track waits this many sampled frames for its face t
 # track's faces are (IoU) and looks like them at least this much (``_bridge_gaps``).
 GAP_FACE_COS = 0.85     # (two different LFW people reached 0.84)
 GAP_IOU = 0.5
+PER_TRACK = ("age", "gender")   # one value per track (``decide_tracks``); emotion stays per face
 
 
 def is_video(uri: str) -> bool:
@@ -346,7 +348,7 @@ def assign_tracks(photos: pa.Table, embeddings: np.ndarray) -> np.ndarray | None
 def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
                   predictions: dict[str, tuple[np.ndarray, np.ndarray]], embeddings: np.ndarray,
                   features: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Identities per track: for each open-set classification task of ``bundle`` (identity
+    """Decisions per video track.  Identities: for each open-set classification task of ``bundle`` (identity
     tasks), every face of a video track gets the label the bundle decides on the track's
     mean unit embedding (``ModelBundle.raw`` + ``ModelBundle.decide``: the same open-set
     thresholds as for one face; ``embeddings``: the ones the heads read,
@@ -354,17 +356,15 @@ def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
     is that decision's probability (the track's, the same on every face of the track).
     Exclusive tasks stay exclusive per frame: tracks are decided longest first, and a track
     sharing a frame with an already named track cannot take its label (it gets its next
-    acceptable one, or ``unknown``).  Photo faces (track -1), other tasks and the built-in
-    attributes keep their per-face predictions.  ``features``: the attribute features by
+    acceptable one, or ``unknown``).  Age and gender are the track's (``_smooth_per_track``),
+    with or without a bundle.  Photo faces (track -1), emotion and other tasks keep their
+    per-face predictions.  ``features``: the attribute features by
     name (``FaceModels.run``), averaged per track like the embeddings, for bundles whose
     heads read them."""
     from pipeline.contract import CLASSIFICATION, UNKNOWN
 
-    if track_ids is None or bundle is None:
-        return predictions
-    specs = [s for s in bundle.specs if s.kind == CLASSIFICATION and s.open_set and s.name in predictions]
-    faces = np.flatnonzero(np.asarray(track_ids) >= 0)
-    if not specs or not len(faces):
+    faces = np.flatnonzero(np.asarray(track_ids) >= 0) if track_ids is not None else np.zeros(0, np.int64)
+    if not len(faces):
         return predictions
     counts = np.asarray(photos.column("face_count").to_numpy(zero_copy_only=False), np.int64)
     photo_of = np.repeat(np.arange(len(counts)), counts)
@@ -373,6 +373,11 @@ def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
     keys = {}
     track_of = np.array([keys.setdefault((uris[photo_of[i]], int(track_ids[i])), len(keys)) for i in faces], np.int64)
     k = len(keys)
+    predictions = _smooth_per_track(predictions, faces, track_of, k)
+    specs = [s for s in bundle.specs if s.kind == CLASSIFICATION and s.open_set and s.name in predictions] \
+        if bundle is not None else []
+    if not specs:
+        return predictions
     emb = np.zeros((k, embeddings.shape[1]), np.float32)
     np.add.at(emb, track_of, embeddings[faces])
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -411,6 +416,38 @@ def decide_tracks(photos: pa.Table, track_ids: np.ndarray | None, bundle,
         labels[faces] = np.asarray(s.labels + [UNKNOWN], dtype=object)[idx[track_of]]
         scores[faces] = score[track_of]
         out[s.name] = (labels, scores)
+    return out
+
+
+def _smooth_per_track(predictions: dict[str, tuple[np.ndarray, np.ndarray]], faces: np.ndarray,
+                      track_of: np.ndarray, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``PER_TRACK`` tasks (a person's age and gender do not change within a shot; an
+    expression does): every face of a track gets the track's value — the mean age and mean
+    score; the gender with the most score summed over the track's faces, and the mean score of
+    the faces that gave it — so a frame seen from the side does not flip them."""
+    out = dict(predictions)
+    for name in PER_TRACK:
+        if name not in predictions:
+            continue
+        values, scores = predictions[name]
+        scores = np.array(scores, np.float32)
+        size = np.bincount(track_of, minlength=k).astype(np.float32)
+        mean_score = np.bincount(track_of, scores[faces], minlength=k) / size
+        values = np.array(values, dtype=values.dtype)
+        if values.dtype.kind == "f":  # regression
+            values[faces] = (np.bincount(track_of, values[faces].astype(np.float64), minlength=k) / size)[track_of]
+            scores[faces] = mean_score[track_of]
+        else:  # classification: a vote weighted by score
+            labels = sorted(set(values[faces].tolist()))
+            code = np.array([labels.index(v) for v in values[faces]], np.int64)
+            votes = np.zeros((k, len(labels)))
+            np.add.at(votes, (track_of, code), scores[faces])
+            best = votes.argmax(1)
+            agree = code == best[track_of]
+            values[faces] = np.asarray(labels, dtype=object)[best][track_of]
+            scores[faces] = (np.bincount(track_of[agree], scores[faces][agree], minlength=k)
+                             / np.maximum(np.bincount(track_of[agree], minlength=k), 1))[track_of]
+        out[name] = (values, scores)
     return out
 
 

@@ -91,6 +91,24 @@ def test_sampling_seeks_and_keeps_the_requested_times(clips):
     assert not bad.opened and bad.error
 
 
+def test_age_and_gender_are_the_tracks_emotion_stays_per_face():
+    """Two sampled frames of one video, two people in each, and a photo's face: each track
+    gets its mean age and its score-weighted gender; emotion and the photo stay as they were."""
+    photos = pa.table({"image_uri": ["v.mp4", "v.mp4", "p.jpg"], "face_count": [2, 2, 1]})
+    tracks = np.array([0, 1, 0, 1, -1])
+    preds = {"age": (np.array([30, 50, 34, 54, 20], np.float32), np.array([.5, .6, .7, .8, .9], np.float32)),
+             "gender": (np.array(["male", "female", "female", "female", "male"], object),
+                        np.array([.9, .8, .6, .7, .55], np.float32)),
+             "emotion": (np.array(["happy", "sad", "neutral", "sad", "happy"], object), np.full(5, .5, np.float32))}
+    out = video.decide_tracks(photos, tracks, None, preds, np.zeros((5, 128), np.float32))
+    np.testing.assert_allclose(out["age"][0], [32, 52, 32, 52, 20])
+    np.testing.assert_allclose(out["age"][1], [.6, .7, .6, .7, .9])
+    assert list(out["gender"][0]) == ["male", "female", "male", "female", "male"]   # 0.9 male beats 0.6 female
+    np.testing.assert_allclose(out["gender"][1], [.9, .75, .9, .75, .55])
+    assert list(out["emotion"][0]) == list(preds["emotion"][0])
+    assert list(preds["gender"][0])[2] == "female"   # the caller's arrays are not changed
+
+
 def test_tracks_bridge_one_degraded_frame_but_not_a_cut():
     """A face at the same place that looks a bit less like itself for one frame (a blur:
     cosine 0.88) stays in the track; someone else there for a frame, or for good, does not."""
