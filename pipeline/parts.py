@@ -9,13 +9,11 @@ the buffer (that bound) plus the blocks still inside the plan.
 """
 from __future__ import annotations
 
-import io
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline import stopping, storage
 
@@ -58,10 +56,8 @@ class PartWriter:
             return None
         with stopping.deferred():  # a stop waits for the file and for this record of it
             t = pa.concat_tables(self._buffer, promote_options="default")
-            buf = io.BytesIO()
-            pq.write_table(t, buf, compression=self.compression)
             path = f"{self.out_path}/{self.prefix}-{len(self.files):05d}.parquet"
-            storage.put_atomic(self.fs, path, buf.getvalue())
+            storage.put_parquet(self.fs, path, t, self.compression)
             self.files.append(path)
             self.rows += t.num_rows
             self.photos += self._photos

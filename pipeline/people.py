@@ -38,7 +38,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline import stopping, storage
 from pipeline.contract import UsageError
@@ -394,9 +393,7 @@ def write_table(output_uri: str, table: pa.Table) -> list[str]:
     with stopping.deferred():  # a Ctrl-C waits: never old and new people side by side
         for n, lo in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
             name = f"part-{run}-{n:05d}.parquet"
-            buf = io.BytesIO()
-            pq.write_table(table.slice(lo, ROWS_PER_FILE), buf, compression="zstd")
-            storage.put_atomic(fs, f"{path}/{name}", buf.getvalue())
+            storage.put_parquet(fs, f"{path}/{name}", table.slice(lo, ROWS_PER_FILE))
             names.append(name)
         for p in old:
             fs.delete_file(p)

@@ -167,3 +167,14 @@ def put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             except OSError:
                 pass
             raise
+
+
+def put_parquet(fs: pafs.FileSystem, path: str, table: pa.Table, compression: str = "zstd") -> None:
+    """A table as one whole Parquet file (``put_atomic``): every part file faceray writes."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    put_atomic(fs, path, buf.getvalue())

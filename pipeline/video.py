@@ -526,9 +526,7 @@ def finish_tracks(output_uri: str, segment_s: float, log=print) -> int:  # noqa:
     come, so no actor sees both sides of a boundary; this pass does, once every segment is
     written.  Such videos are found by their segment-scoped ids (≥ ``TRACK_STRIDE``); joined
     ids are below it, so a finished table is left alone and a pass cut short is redone.
-    Each file is rewritten whole (``storage.put_atomic``).  Returns the videos joined."""
-    import io
-
+    Each file is rewritten whole (``storage.put_parquet``).  Returns the videos joined."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -558,10 +556,8 @@ def finish_tracks(output_uri: str, segment_s: float, log=print) -> int:  # noqa:
         old = zip(part.column("image_uri").to_pylist(), part.column("timestamp_s").to_pylist(),
                   part.column("track_id").to_pylist())
         tracks = pa.array([ids.get(key, key[2]) for key in old], pa.int32())
-        part = part.set_column(part.schema.get_field_index("track_id"), part.schema.field("track_id"), tracks)
-        buf = io.BytesIO()
-        pq.write_table(part, buf, compression="zstd")
-        storage.put_atomic(fs, path, buf.getvalue())
+        storage.put_parquet(fs, path, part.set_column(part.schema.get_field_index("track_id"),
+                                                      part.schema.field("track_id"), tracks))
     log(f"videos: track ids joined across segment boundaries in {len(vids)} videos ({len(found)} files rewritten)")
     return len(vids)
 
