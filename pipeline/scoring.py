@@ -115,7 +115,8 @@ def score(input_uri: str, output_uri: str, model_uri: str | None = None, limit: 
             f"{manifest.num_rows} to score")
     summary = Summary(skipped=skipped, output=output_uri)
     if manifest.num_rows == 0:
-        video.finish_tracks(output_uri, settings.video_segment_s, log)  # a run stopped before its last step
+        if videos:  # a run stopped before its last step
+            video.finish_tracks(output_uri, settings.video_segment_s, log)
         summary.seconds = time.monotonic() - started
         return summary
 

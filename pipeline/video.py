@@ -426,17 +426,16 @@ def _smooth_per_track(predictions: dict[str, tuple[np.ndarray, np.ndarray]], fac
     score; the gender with the most score summed over the track's faces, and the mean score of
     the faces that gave it — so a frame seen from the side does not flip them."""
     out = dict(predictions)
+    size = np.bincount(track_of, minlength=k).astype(np.float64)
     for name in PER_TRACK:
         if name not in predictions:
             continue
         values, scores = predictions[name]
         scores = np.array(scores, np.float32)
-        size = np.bincount(track_of, minlength=k).astype(np.float32)
-        mean_score = np.bincount(track_of, scores[faces], minlength=k) / size
         values = np.array(values, dtype=values.dtype)
         if values.dtype.kind == "f":  # regression
             values[faces] = (np.bincount(track_of, values[faces].astype(np.float64), minlength=k) / size)[track_of]
-            scores[faces] = mean_score[track_of]
+            scores[faces] = (np.bincount(track_of, scores[faces], minlength=k) / size)[track_of]
         else:  # classification: a vote weighted by score
             labels = sorted(set(values[faces].tolist()))
             code = np.array([labels.index(v) for v in values[faces]], np.int64)
