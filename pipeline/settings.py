@@ -36,7 +36,8 @@ class Settings(BaseSettings):
                                    "split into segments scored by different actors)")
     attributes: bool = Field(True, description="built-in age, gender, emotion (--no-attributes: off)")
     local_dashboard: bool = Field(False, description="a Ray this process starts (no cluster address) runs its "
-                                  "dashboard on 127.0.0.1:8265; off: a one-off job starts ~0.7 s sooner")
+                                  "dashboard UI on 127.0.0.1:8265; off: a one-off job has no use for it "
+                                  "(benchmarks/README.md, startup: 0 to 1.5 s of start-up)")
     precision: Precision = Field(
         "auto", description="face networks' precision; auto: bf16 where the CPU/GPU has it, else fp32 "
                             "(CPU) / fp16 (GPU): pipeline/precision.py")
