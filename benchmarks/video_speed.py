@@ -185,16 +185,15 @@ def read_videos_on_ray(path: Path, fps: float) -> dict:
             "blocks": op.output_size_bytes.count, "block_mb": op.output_size_bytes.max / 2**20}
 
 
-def start_local_ray(work: Path):
-    """A local-only Ray (every process on 127.0.0.1, no dashboard, one CPU: one read task)."""
-    for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                 "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
-        os.environ.setdefault(k, v)
+def start_local_ray():
+    """A local-only Ray as the jobs start one (``runtime.init_ray``: every process on
+    127.0.0.1), one CPU: one read task."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
-    ray.init(num_cpus=1, object_store_memory=512 * 1024**2, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=str(work / "ray"), log_to_driver=False,
-             logging_level="WARNING")
+    from pipeline.runtime import init_ray
+
+    init_ray(num_cpus=1, torch_first=False)
     ray.data.range(1).take_all()   # Ray Data's first-dataset start, outside the timings
     return ray
 
@@ -264,7 +263,7 @@ def main() -> None:
     if importlib.util.find_spec("decord") is None:
         print("\nray.data.read_videos not measured: it needs decord (pip install decord)")
         return
-    ray = start_local_ray(work)
+    ray = start_local_ray()
     try:
         print(f"\nray.data.read_videos (Ray {ray.__version__}, decord), same clip "
               f"({args.seconds:g} s); one core each:")
@@ -284,7 +283,9 @@ def main() -> None:
         print(f"  its read body in this process, decord 1 thread: {n} frames, {cpu:.2f} CPU s "
               f"({n / cpu:.1f} frames/s/core), peak RSS +{grow:.0f} MB")
     finally:
-        ray.shutdown()
+        from pipeline.runtime import shutdown
+
+        shutdown()
 
 if __name__ == "__main__":
     main()
