@@ -364,6 +364,22 @@ class MiniXception(nn.Module):
         x = self.blocks(F.relu(self.c2(F.relu(self.c1(x), True)), True))
         return self.head(x).mean((2, 3)), x.mean((2, 3))
 
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, features, tap features): the last map seen through each of the output
+        conv's 3×3 taps (zero padded) and averaged, 9 × 128 values, tap-major.  The output
+        layer is exactly linear in them (``output_layer``), which the mean-pooled features
+        are not (a trained head starts from it: ``pipeline/training/builtin.py``)."""
+        x = self.blocks(F.relu(self.c2(F.relu(self.c1(x), True)), True))
+        h, w = x.shape[-2:]
+        xp = F.pad(x, (1, 1, 1, 1))
+        taps = torch.cat([xp[:, :, dy:dy + h, dx:dx + w].mean((2, 3)) for dy in range(3) for dx in range(3)], 1)
+        return self.head(x).mean((2, 3)), x.mean((2, 3)), taps
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W 7×1152, b 7) with logits = taps @ W.T + b, in fer's class order."""
+        w = self.head.weight.detach()                       # 7 × 128 × 3 × 3
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).clone(), self.head.bias.detach().clone()
+
 
 def _load_nets(paths: Mapping[str, str], cache_dir: str | os.PathLike | None = None) -> dict[str, nn.Module]:
     """The three networks from their files; with ``cache_dir``, their converted state dicts
@@ -449,7 +465,26 @@ def resample(chips: torch.Tensor, spec: NetInput) -> torch.Tensor:
 #: Width of each network's penultimate features (``AttributeOutput.features``): what trained
 #: heads may read instead of the identity embedding (``TaskSpec.features``).
 FEATURE_DIMS: dict[str, int] = {"age": CydralAgeNet.feature_dim, "gender": CydralGenderNet.feature_dim,
-                                "emotion": MiniXception.feature_dim}
+                                "emotion": MiniXception.feature_dim, "emotion_taps": 9 * MiniXception.feature_dim}
+#: The feature sets ``--features auto`` tries; ``emotion_taps`` serves heads that start from
+#: the emotion network's own output layer (``pipeline/training/builtin.py``).
+AUTO_FEATURES: tuple[str, ...] = ("age", "gender", "emotion")
+#: The feature set each network's output layer reads (exactly linear in it).
+OUTPUT_FEATURES: dict[str, str] = {"age": "age", "gender": "gender", "emotion": "emotion_taps"}
+
+
+def output_layer(nets: Mapping[str, nn.Module], task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of a built-in network's output layer on ``OUTPUT_FEATURES[task]``: age's 81
+    bins, gender in ``GENDER_LABELS`` order, emotion in ``EMOTION_LABELS`` order."""
+    net = nets[task]
+    if task == "emotion":
+        w, b = net.output_layer()
+        order = list(FER_TO_FACERAY)
+        w, b = w[order], b[order]
+    else:
+        fc = net.fc if task == "age" else net.fc2
+        w, b = fc.weight.detach(), fc.bias.detach()
+    return w.float().cpu().numpy().copy(), b.float().cpu().numpy().copy()
 
 
 @dataclass
@@ -511,6 +546,7 @@ class AttributeNets:
                 for k, net in self.nets.items()}
         probs = {k: np.concatenate([p[0][k] for p in parts]) if parts else np.zeros((0, d[0]), np.float32)
                  for k, d in dims.items()}
+        dims["emotion_taps"] = (0, FEATURE_DIMS["emotion_taps"])
         feats = {k: np.concatenate([p[1][k] for p in parts]) if parts else np.zeros((0, d[1]), np.float32)
                  for k, d in dims.items()}
         return AttributeOutput(self._predict(probs), probs, feats)
@@ -524,13 +560,17 @@ class AttributeNets:
         probs, feats = {}, {}
         for task, net in self.nets.items():
             inp = resample(x, self.inputs[task]).contiguous(memory_format=torch.channels_last)
+            run = net.forward_taps if task == "emotion" else net
             if self._cast:
-                logits, feat = net(inp.to(self.precision.dtype))
+                out = run(inp.to(self.precision.dtype))
             elif self.device.type == "cuda" and self.precision.reduced:
                 with torch.autocast("cuda", dtype=self.precision.dtype):
-                    logits, feat = net(inp)
+                    out = run(inp)
             else:
-                logits, feat = net(inp)
+                out = run(inp)
+            logits, feat = out[0], out[1]
+            if task == "emotion":
+                feats["emotion_taps"] = out[2].float().cpu().numpy()
             p = torch.softmax(logits.float(), dim=1)
             if task == "emotion":
                 p = p[:, self._fer_order]

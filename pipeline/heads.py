@@ -64,6 +64,8 @@ class TaskSpec:
     std: float = 1.0
     min_prob: float = 0.0                       # open-set thresholds (calibrated)
     max_dist: float = 2.0
+    prefer_builtin: bool = False                # lost to the built-in network on validation: the head
+                                                # is that network's own output layer (its answer)
 
     @property
     def out_dim(self) -> int:
@@ -71,6 +73,8 @@ class TaskSpec:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.prefer_builtin:
+            d.pop("prefer_builtin")     # model.json of every other bundle stays what it was
         if self.kind == REGRESSION:
             for k in ("labels", "open_set", "exclusive", "min_prob", "max_dist"):
                 d.pop(k)
@@ -141,6 +145,27 @@ class InputNorm(nn.Module):
         return (x - self.mean) / self.std
 
 
+BUILTIN = "builtin"    # head type: a built-in network's own output layer (``pipeline/training/builtin.py``)
+
+
+class BinsOut(nn.Module):
+    """Logits over value bins → the regression head's two outputs (standardised value, raw
+    Laplace scale), so a head that starts as the age network's output layer answers its
+    age (the bins' expectation) and its spread (mean absolute deviation) exactly."""
+
+    def __init__(self, bins: np.ndarray, mean: float, std: float) -> None:
+        super().__init__()
+        self.register_buffer("bins", torch.as_tensor(np.asarray(bins, np.float32)), persistent=False)
+        self.mean, self.std = float(mean), max(float(std), 1e-6)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(z.float(), dim=1)
+        v = p @ self.bins
+        b = (p * (self.bins[None, :] - v[:, None]).abs()).sum(1)
+        t = (b / self.std - 1e-3).clamp(min=1e-4)
+        return torch.stack([(v - self.mean) / self.std, t + torch.log(-torch.expm1(-t))], 1)  # softplus⁻¹
+
+
 def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (floored, so constant dimensions stay finite) of training features."""
     x = np.asarray(x, np.float64)
@@ -162,8 +187,12 @@ def make_head(spec: TaskSpec, variant: str | None = None, dropout: float = 0.2,
     dim = feature_dim(features)
     prep: nn.Module = (InputScale(math.sqrt(dim)) if features == IDENTITY
                        else InputNorm(dim, *(norms or {}).get(features, (None, None))))
-    if head == "linear":
+    if head == "linear" or (head == BUILTIN and spec.kind == CLASSIFICATION):
         return nn.Sequential(prep, nn.Linear(dim, spec.out_dim))
+    if head == BUILTIN:   # regression: the age network's bins, their expectation
+        from pipeline.attributes import AGE_BINS
+
+        return nn.Sequential(prep, nn.Linear(dim, len(AGE_BINS)), BinsOut(AGE_BINS, spec.mean, spec.std))
     if head == "mlp":
         return nn.Sequential(prep, nn.Linear(dim, spec.hidden), nn.GELU(), nn.Dropout(dropout),
                              nn.Linear(spec.hidden, spec.out_dim))

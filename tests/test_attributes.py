@@ -125,7 +125,7 @@ def test_predictions_shapes_ranges_and_batching(nets: AttributeNets, chips: np.n
     for task, _ in ATTRIBUTE_TASKS:
         score = out.predictions[task][1]
         assert score.dtype == np.float32 and ((score >= 0) & (score <= 1)).all()
-    dims = {"age": 256, "gender": 16, "emotion": 128}
+    dims = {"age": 256, "gender": 16, "emotion": 128, "emotion_taps": 9 * 128}
     assert {k: v.shape for k, v in out.features.items()} == {k: (n, d) for k, d in dims.items()}
     assert nets(chips)["gender"][0].tolist() == out.predictions["gender"][0].tolist()
     small = AttributeNets(device="cpu", batch_size=4).run(chips)

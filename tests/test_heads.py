@@ -254,3 +254,67 @@ def test_training_variants_are_head_by_features_and_open_set_stays_on_identity()
     out = model({"identity": torch.zeros(3, 128), "age": torch.zeros(3, 256)})
     assert {k: tuple(o.shape) for k, o in out.items()} == {"identity@linear": (3, 2), "age@linear": (3, 2),
                                                           "age@linear+age": (3, 2)}
+
+
+@pytest.fixture(scope="module")
+def fer_chips(data_dir):
+    """Main-face chips of 5 FER2013 photos per emotion and 12 UTKFace photos, made by the pipeline."""
+    from pipeline.attributes import EMOTION_LABELS
+    from pipeline.faces import FaceDetector, main_face_index
+    from pipeline.photos import analyse_photo
+    from pipeline.settings import Settings
+
+    root = data_dir / "attributes"
+    files = [f for e in EMOTION_LABELS for f in sorted((root / "fer2013" / e).glob("*.jpg"))[:5]]
+    files += sorted((root / "utkface").glob("*.jpg"))[::50][:12]
+    settings = Settings.from_env()
+    detector = FaceDetector.from_settings(settings)
+    out = []
+    for f in files:
+        r = analyse_photo(f.read_bytes(), detector, settings.max_pixels)
+        i = main_face_index(r.faces, r.width or 0, r.height or 0)
+        if i is not None:
+            out.append(r.chips[i])
+    return np.stack(out)
+
+
+def test_a_head_that_matches_a_builtin_network_starts_as_that_network(fer_chips):
+    """Before any step, a head whose labels are the emotion network's (another order and
+    case), a gender head and an age head answer exactly as the built-in networks do on real
+    faces: they start from the networks' own output layers, not from a fresh head."""
+    from pipeline.attributes import AttributeNets
+    from pipeline.heads import BUILTIN, feature_stats
+    from pipeline.training.builtin import builtin_nets, match_task, output_head_state
+
+    out = AttributeNets(device="cpu").run(fer_chips)
+    labels = ["Surprise", "Sad", "Neutral", "Happy", "Fear", "Disgust", "Angry"]
+    tasks = {"expression": ("classification", labels), "gender": ("classification", ["female", "male"]),
+             "age": ("regression", [])}
+    specs, state, matches = [], {}, {}
+    for name, (kind, labs) in tasks.items():
+        m = matches[name] = match_task(name, kind, labs)
+        assert m is not None and m.complete, name
+        s = TaskSpec(name, kind, labs, head=BUILTIN, features=m.features, mean=30.0, std=15.0)
+        specs.append(s)
+        st = output_head_state(m, s, *feature_stats(out.features[m.features]), builtin_nets())
+        state.update({f"{name}.{k}": v for k, v in st.items()})
+    bundle = ModelBundle.in_memory(specs, state, {})
+    preds = bundle.predict(np.zeros((len(fer_chips), 128), np.float32), np.arange(len(fer_chips)), out.features)
+    builtin_emotion = out.predictions["emotion"][0]
+    assert [lab.lower() for lab in preds["expression"][0]] == list(builtin_emotion)
+    np.testing.assert_allclose(preds["expression"][1], out.predictions["emotion"][1], atol=1e-4)
+    assert list(preds["gender"][0]) == list(out.predictions["gender"][0])
+    np.testing.assert_allclose(preds["age"][0], out.predictions["age"][0], atol=0.01)
+    assert len(set(builtin_emotion)) >= 4   # real, varied faces
+
+
+def test_partial_label_matches_are_named():
+    from pipeline.training.builtin import match_task
+
+    m = match_task("mood", "classification", ["happy", "other", "sad"])
+    assert m is not None and m.network == "emotion" and not m.complete
+    assert m.matched == ["happy", "sad"] and m.unmatched == ["other"]
+    assert "other" in m.describe() and "2 of 3" in m.describe()
+    assert match_task("identity", "classification", ["happy", "sad"], open_set=True) is None
+    assert match_task("height", "regression", []) is None
+    assert match_task("gender", "classification", ["0", "1"]) is None

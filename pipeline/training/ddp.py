@@ -123,6 +123,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = MultiHead(specs, variants, norms)
+    for k, state in config.get("init", {}).items():   # heads that start from a built-in output layer
+        model.heads[k].load_state_dict(state)
     ddp = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     class_w = {k: torch.tensor(v, dtype=torch.float32) for k, v in config["class_weights"].items()}
@@ -139,6 +141,15 @@ def train_loop(config: dict[str, Any]) -> None:
         opt.load_state_dict(st["opt"])
         best, history = st["best"], st["history"]
         start_epoch = resumed_from = st["epoch"] + 1
+    elif config.get("init"):   # the untouched built-in layers are candidates too (epoch -1)
+        model.eval()
+        with torch.no_grad():
+            out = model(val_x)
+            vloss = task_losses(out, val_y, specs, variants, class_w, config["huber_delta"], weighted=False)
+        _, crit = _validation_metrics(out, vloss, val_y, specs, variants)
+        for k in config["init"]:
+            best[k] = {"crit": crit[k], "epoch": -1, "state": copy.deepcopy(
+                {n: p.detach().clone() for n, p in model.heads[k].state_dict().items()})}
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config["epochs"]):
@@ -278,12 +289,18 @@ def _class_weights(train: Encoded, specs: list[TaskSpec]) -> dict[str, list[floa
 
 
 def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, storage_uri: str,
-        log: Callable[[str], None] = print) -> tuple[dict, list[dict], dict]:
-    """One Ray Train run; returns the best state per task@variant, the history, last metrics."""
+        log: Callable[[str], None] = print, init: dict[str, dict] | None = None) -> tuple[dict, list[dict], dict]:
+    """One Ray Train run; returns the best state per task@variant, the history, last metrics.
+    ``init``: ``task@variant`` → a starting state (heads that start from a built-in network's
+    output layer); those variants are trained beside the others, and their untouched state
+    is a candidate (epoch -1)."""
     import ray
     from ray.data.extensions import ArrowTensorArray
 
-    variants = task_variants(specs, cfg.head, cfg.features)
+    extra: dict[str, list[str]] = {}
+    for k in init or {}:
+        extra.setdefault(k.split("@")[0], []).append(k.split("@")[1])
+    variants = task_variants(specs, cfg.head, cfg.features, extra)
     used = {split_variant(v)[1] for vs in variants.values() for v in vs} - {IDENTITY}
     missing = sorted(used - set(train.features))
     if missing:
@@ -299,9 +316,11 @@ def fit(train: Encoded, val: Encoded, specs: list[TaskSpec], cfg: TrainConfig, s
               "task_weights": cfg.task_weights, "huber_delta": cfg.huber_delta, "epochs": cfg.epochs,
               "patience": cfg.patience, "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
               "val": {"x": val.x, **{f"f_{k}": val.features[k] for k in feats},
-                      **{f"y_{k}": v for k, v in val.y.items()}}}
+                      **{f"y_{k}": v for k, v in val.y.items()}},
+              **({"init": init, "init_variants": sorted(init)} if init else {})}
     shown = sorted({v for vs in variants.values() for v in vs}, key=lambda v: (split_variant(v)[1] != IDENTITY, v))
-    st, last = run_trainer(train_loop, config, ds, cfg, cfg.epochs, storage_uri, run_name(config, train, val),
+    st, last = run_trainer(train_loop, config, ds, cfg, cfg.epochs, storage_uri,
+                           run_name(config, train, val, skip=("val", "progress", "norms", "init")),
                            f"heads {shown}, {len(train.x)} train / {len(val.x)} val faces", "fit", log)
     return st["best"], st["history"], last
 

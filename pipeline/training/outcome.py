@@ -88,6 +88,15 @@ class TrainOutcome:
         for task, m in self.metrics.get("test", {}).items():
             parts = [f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))]
             out.append(f"test {task}: " + ", ".join(parts))
+        from pipeline.training.versus import builtin_line, tuned_line
+
+        for task, rec in self.metrics.get("builtin", {}).items():
+            out.append(builtin_line(task, rec))
+        ft = self.metrics.get("finetune") or {}
+        for task, rec in ft.get("versus_frozen", {}).items():
+            out.append(tuned_line(task, rec))
+        for task, why in ft.get("not_tuned", {}).items():
+            out.append(f"{task} not tuned: {why}")
         for task, v in self.metrics.get("strangers", {}).items():
             pct = lambda r: "n/a" if r is None else f"{r:.1%}"  # noqa: E731
             out.append(f"open set {task}: known rejected {pct(v['val']['known_rejected'])} val / "

@@ -20,6 +20,7 @@ from pipeline import storage, table
 from pipeline.contract import CLASSIFICATION, NO_FACE, OK, UsageError
 from pipeline.heads import ModelBundle
 from pipeline.settings import Settings
+from pipeline.training.builtin import init_states, match_specs
 from pipeline.training.calibration import calibrate, select_heads
 from pipeline.training.config import TrainConfig
 from pipeline.training.ddp import check_cluster, fit
@@ -27,6 +28,7 @@ from pipeline.training.embeddings import backbone_info, embedding_precision, emb
 from pipeline.training.evaluation import evaluate, open_set_rates, stranger_metrics
 from pipeline.training.outcome import Evaluation, TrainOutcome
 from pipeline.training.split import Encoded, encode, make_specs, strata_for, stratified_split
+from pipeline.training.versus import builtin_line, frozen_vs_tuned, versus_builtin
 
 
 @dataclass
@@ -73,9 +75,13 @@ def _from_photos(data_uri: str, layout: str, task: str | None, settings: Setting
     from pipeline.geometry import DLIB_CHIP
     from pipeline.training.evaluation import feature_columns
 
+    from pipeline.training.builtin import match_table
+
     ls = read_labelled(data_uri, layout, task)
     log(f"{ls.table.num_rows} labelled photos in {data_uri} ({layout}), tasks {ls.tasks}")
-    features = wanted_features(ls.tasks, cfg)
+    # a task a built-in network answers also reads that network's output-layer features
+    outputs = {m.features for m in match_table(ls.tasks, ls.table, cfg.open_set).values()}
+    features = tuple(dict.fromkeys([*wanted_features(ls.tasks, cfg), *sorted(outputs)]))
     tune = cfg.finetune != "none"
     emb, embed_info = embed_labelled(ls.table, data_uri, settings, cache_uri, cfg.flip_tta, log, features, tune)
     status = emb.column("status").to_pylist()
@@ -128,9 +134,6 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     started = time.monotonic()
     check_flags(layout, names_uri)
     finetune.check_flags(cfg.finetune, layout, cfg.features)
-    if cfg.finetune != "none" and cfg.features != "identity":
-        log(f"--finetune {cfg.finetune}: heads read the identity embedding the fine-tuning trains (--features identity)")
-        cfg = replace(cfg, features="identity")
     check_cluster(cfg)
     storage.check_writable(output_uri)
     if cfg.features != "identity":
@@ -152,10 +155,17 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
         raise UsageError(f"validation split is empty ({len(enc.x)} usable examples): raise --val-frac")
     log(f"split (seed {cfg.seed}): train {len(tr.x)}, val {len(va.x)}, test {len(te.x)}")
 
+    matches = match_specs(specs)
+    for m in matches.values():
+        log(m.describe())
+    init = init_states(specs, matches, tr.features, settings.cache_dir)
     t_fit = time.monotonic()
-    best, history, last = fit(tr, va, specs, cfg, f"{output_uri.rstrip('/')}/checkpoints", log)
+    best, history, last = fit(tr, va, specs, cfg, f"{output_uri.rstrip('/')}/checkpoints", log, init=init)
     fit_seconds = time.monotonic() - t_fit
     heads_state, chosen = select_heads(specs, best)
+    heads_state, versus = versus_builtin(specs, heads_state, chosen, matches, init, va, te)
+    for name, rec in versus.items():
+        log(builtin_line(name, rec))
     tuned, tuning = None, {}
     if cfg.finetune != "none":
         tuned, heads_state, tuning, enc = _fine_tune(enc, specs, best, chosen, heads_state, cfg, settings,
@@ -176,7 +186,9 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
         "rows_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history])) if history else 0.0,
         "split": {"train": len(tr.x), "val": len(va.x), "test": len(te.x)},
         "photos": ex.photos, "faces": ex.faces, "no_face": ex.no_face, "errors": ex.errors,
-        "fit_seconds": round(fit_seconds, 1), **ex.metrics, **({"finetune": tuning} if tuning else {})}
+        "fit_seconds": round(fit_seconds, 1), **ex.metrics, **({"finetune": tuning} if tuning else {}),
+        **({"builtin": versus} if versus else {}),
+        **({"builtin_match": {k: asdict(m) for k, m in matches.items()}} if matches else {})}
     if ex.strangers is not None:
         people = ex.metrics["people"]
         metrics["strangers"], evaluation.strangers = open_set_rates(
@@ -189,7 +201,9 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
              "backbone": {**backbone_info(settings), "precision": embedding_precision(settings)},
              "data": {"uri": data_uri, "layout": layout, **ex.data},
              "training": asdict(cfg),
-             **({"finetune": {"mode": cfg.finetune, "best_epoch": tuning["best_epoch"]}} if tuning else {}),
+             **({"finetune": {"mode": cfg.finetune, "best_epoch": tuning["best_epoch"]}} if tuned is not None else {}),
+             **({"prefer_builtin": sorted(k for k, r in versus.items() if r["shipped"] == "builtin")}
+                if versus else {}),
              "metrics": {"test": test_metrics, "open_set": calib, "heads": metrics["heads"],
                          **({"strangers": metrics["strangers"]} if "strangers" in metrics else {})}}
     meta = ModelBundle.write(output_uri, specs, heads_state, centroids, extra, backbone=tuned)
@@ -214,29 +228,53 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
 
 def _fine_tune(enc: Encoded, specs: list, best: dict, chosen: dict, heads_state: dict, cfg: TrainConfig,
                settings: Settings, output_uri: str, log: Callable[[str], None]
-               ) -> tuple[bytes, dict, dict[str, Any], Encoded]:
-    """Step 2 of the recipe: the frozen fit's figures on test (kept for comparison), the
-    backbone tuned with the chosen heads, and every example embedded again by the tuned
-    backbone through ``Embedder`` (the network and pixels scoring will use), so the
-    calibration and the test figures are those of the bundle as it will run."""
+               ) -> tuple[bytes | None, dict, dict[str, Any], Encoded]:
+    """Step 2 of the recipe: the backbone tuned with the chosen heads that read it (heads on
+    an attribute network's features keep their frozen fit: tuning those networks is not
+    built), every example embedded again by the tuned backbone through ``Embedder`` (the
+    network and pixels scoring will use), and the tuned model kept only when it beats the
+    frozen one on validation (``versus.frozen_vs_tuned``): a worse tuned model never ships."""
     from pipeline.embed import Embedder
+    from pipeline.heads import IDENTITY
     from pipeline.training.finetune import finetune
+    from pipeline.training.versus import frozen_vs_tuned, tuned_line
 
     tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
     frozen, _, _ = calibrate(specs, heads_state, tr, va, cfg.target_frr)
     frozen_test, _ = evaluate(frozen, te if len(te.x) else va)
+    reading = [s for s in specs if s.features == IDENTITY]
+    others = {s.name: s.features for s in specs if s.features != IDENTITY}
+    info: dict[str, Any] = {"mode": cfg.finetune, "frozen_test": frozen_test,
+                            "not_tuned": {k: f"its head reads the {f} features (tuning that network is not built)"
+                                          for k, f in others.items()}}
+    for k, why in info["not_tuned"].items():
+        log(f"--finetune {cfg.finetune}: {k} not tuned: {why}")
+    if not reading:
+        log(f"--finetune {cfg.finetune}: no chosen head reads the identity embedding; the frozen fit ships")
+        return None, heads_state, info | {"kept": "frozen", "epochs_run": 0, "best_epoch": -1, "seconds": 0.0}, enc
     init = {f"{s.name}@{chosen[s.name]['variant']}": best[f"{s.name}@{chosen[s.name]['variant']}"]["state"]
-            for s in specs}
+            for s in reading}
     t0 = time.monotonic()
-    backbone, heads, history, last = finetune(tr, va, specs, init, cfg, settings.weights,
+    backbone, heads, history, last = finetune(tr, va, reading, init, cfg, settings.weights,
                                               f"{output_uri.rstrip('/')}/checkpoints", log)
     seconds = time.monotonic() - t0
     x = Embedder(backbone, precision=settings.precision)(enc.chips)
-    info = {"mode": cfg.finetune, "epochs_run": len(history), "best_epoch": last["best_epoch"],
-            "seconds": round(seconds, 1), "frozen_test": frozen_test, "history": history,
-            "chips_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history]))}
+    tuned_enc = replace(enc, x=x)
+    tuned_state = {**{k: v for k, v in heads_state.items() if k.split(".", 1)[0] in others}, **heads}
+    ttr, tva, tte = tuned_enc.part("train"), tuned_enc.part("val"), tuned_enc.part("test")
+    tuned_bundle, _, _ = calibrate(reading, heads, ttr, tva, cfg.target_frr)
+    frozen_reading, _, _ = calibrate(reading, {k: v for k, v in heads_state.items()
+                                               if k.split(".", 1)[0] not in others}, tr, va, cfg.target_frr)
+    keep, records = frozen_vs_tuned(reading, frozen_reading, tuned_bundle, va, tva, te, tte)
+    info.update({"epochs_run": len(history), "best_epoch": last["best_epoch"], "seconds": round(seconds, 1),
+                 "history": history, "versus_frozen": records, "kept": "tuned" if keep else "frozen",
+                 "chips_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history]))})
     log(f"fine-tuned ({cfg.finetune}) in {seconds:.1f} s, best epoch {last['best_epoch'] + 1} of {len(history)}")
-    return backbone, heads, info, replace(enc, x=x)
+    for name, rec in records.items():
+        log(tuned_line(name, rec))
+    if not keep:
+        return None, heads_state, info, enc
+    return backbone, tuned_state, info, tuned_enc
 
 
 def _json_default(o: Any) -> Any:

@@ -73,11 +73,11 @@ class Encoded:
 def parse_features(text: str) -> tuple[str, ...]:
     """``--features``: auto (identity and every attribute network's features), identity, or
     a comma-separated list of identity / age / gender / emotion."""
-    from pipeline.attributes import FEATURE_DIMS
+    from pipeline.attributes import AUTO_FEATURES
     from pipeline.contract import UsageError
 
     if text.strip().lower() == "auto":
-        return (IDENTITY, *FEATURE_DIMS)
+        return (IDENTITY, *AUTO_FEATURES)
     names = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
     for n in names:
         try:
@@ -89,14 +89,16 @@ def parse_features(text: str) -> tuple[str, ...]:
     return names
 
 
-def task_variants(specs: list[TaskSpec], head: str, features: str) -> dict[str, list[str]]:
+def task_variants(specs: list[TaskSpec], head: str, features: str,
+                  extra: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """The ``head[+features]`` variants trained per task: every head type asked for on every
     feature set asked for; open-set tasks on the identity embedding only (their centroids
-    and distances live in identity space)."""
+    and distances live in identity space); plus ``extra`` per task (a head that starts from
+    a built-in network's output layer, ``builtin.py``)."""
     heads = ["linear", "mlp"] if head == "auto" else [head]
     sets = parse_features(features)
     return {s.name: [variant_name(h, f) for f in ((IDENTITY,) if s.open_set else sets) for h in heads]
-            for s in specs}
+            + [v for v in (extra or {}).get(s.name, [])] for s in specs}
 
 
 def attribute_features(variants: dict[str, list[str]]) -> tuple[str, ...]:
