@@ -133,11 +133,16 @@ def named_faces(faces: pa.Table, people_uri: str | None, labels_uri: str | None)
         return NAMED_SCHEMA.empty_table()
     from pipeline import labels
     from pipeline.people import read_people
-    from pipeline.people.names import face_names
 
     people = read_people(people_uri) if people_uri else None
     state = labels.load(labels_uri)
-    t = face_names(faces, people, state)
+    try:
+        from pipeline.people.names import face_names
+    except ModuleNotFoundError:  # TODO(issue 26): drop once pipeline/people/names.py (issue 24) lands
+        t = pa.Table.from_pandas(state.named, preserve_index=False)
+        t = faces.join(t.cast(NAMED_SCHEMA), keys=["image_uri", "face_index"], join_type="inner")
+    else:
+        t = face_names(faces, people, state)
     t = t.filter(pc.is_valid(t.column("name")))
     return t.select(NAMED_SCHEMA.names).cast(NAMED_SCHEMA)
 
@@ -187,12 +192,14 @@ def export_part(part: str, table_uri: str, root: str, output: str | None, named:
     malformed: list[str] = []
     fs, _ = storage.resolve(table_uri)
     faces = part_faces(fs, part, min_score, counts)
+    names: list[str | None] = [None] * faces.num_rows
     if named.num_rows and faces.num_rows:
-        faces = faces.join(named, keys=["image_uri", "face_index"], join_type="left outer")
-        faces = faces.sort_by([("image_uri", "ascending"), ("face_index", "ascending")])
-        names = faces.column("name").to_pylist()
-    else:
-        names = [None] * faces.num_rows
+        # Acero joins no struct column (bbox): join the keys with their row numbers
+        keys = faces.select(["image_uri", "face_index"]).append_column(
+            "_row", pa.array(range(faces.num_rows), pa.int64()))
+        hit = keys.join(named, keys=["image_uri", "face_index"], join_type="inner")
+        for row, name in zip(hit.column("_row").to_pylist(), hit.column("name").to_pylist()):
+            names[row] = name
     out_fs, out_root = (storage.resolve(output) if output is not None else (pafs.LocalFileSystem(), None))
     uris = faces.column("image_uri").to_pylist()
     bbox = faces.column("bbox").combine_chunks() if faces.num_rows else None
