@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model bundle (folder or s3:// prefix); without it: faces, no labels")
     p.add_argument("--table", help="prediction table (folder or s3:// prefix) for GET /v1/predictions and POST /v1/search")
     p.add_argument("--people", help="people table from cluster_faces.py for GET /v1/people (and persons in search)")
+    p.add_argument("--labels", help="labels log (folder or s3:// prefix) the review page (GET /review) writes; "
+                                    "with --table and --people")
     p.add_argument("--table-embeddings", action="store_true", help="also load the table's embeddings")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -91,7 +93,7 @@ def _run(serve, args: argparse.Namespace, settings, app_name: str, build_app) ->
 
     direct = args.ingress == ingress.DIRECT
     ingress.start(serve, args.host, args.port, args.ingress)
-    app = build_app({"model": args.model, "table": args.table, "people": args.people,
+    app = build_app({"model": args.model, "table": args.table, "people": args.people, "labels": args.labels,
                      "table_embeddings": args.table_embeddings,
                      "max_body_bytes": int(args.max_body_mb * 1024 * 1024), "settings": settings,
                      "replicas": args.replicas, "direct_ingress": direct})
@@ -100,6 +102,8 @@ def _run(serve, args: argparse.Namespace, settings, app_name: str, build_app) ->
         ingress.check_direct(app_name, args.host, args.port)
     how = "the replica answers HTTP itself (direct ingress)" if direct else "Serve's proxy"
     print(f"faceray serving on http://{args.host}:{args.port}  (docs: /docs, health: /healthz; {how})", flush=True)
+    if args.table and args.people:
+        print(f"review page: http://{args.host}:{args.port}/review", flush=True)
     stopping.wait_forever()  # until SIGINT / SIGTERM: run_job exits 130 / 143
     return 0
 

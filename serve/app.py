@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from pipeline.contract import EMBEDDING_DIM, NO_FACE, OK
@@ -22,6 +22,9 @@ from serve.deployments import RETRY_AFTER_S, Embeddings, PipelineCore, Predictio
 from serve.http import (DEFAULT_K, DEFAULT_LIMIT, DEFAULT_MAX_BODY, ERRORS, MAX_K, MAX_LIMIT, PHOTO_OPENAPI,
                         STATUS_HTTP, ApiError, FacesOut, PeopleOut, PredictionsOut, SearchOut, authorize, face_json,
                         install_error_handlers, probe_png, read_photo)
+from serve.review_http import (DEFAULT_FACES, DEFAULT_PEOPLE, MAX_FACES, MAX_PEOPLE, PAGE_FILES, ActOut, DecideIn,
+                               ForgetIn, MergeIn, NameIn, NamesOut, ProgressOut, ReviewPeopleOut, ReviewPersonOut,
+                               SuggestionsOut, check_page, page_file)
 
 APP_NAME = "faceray"
 
@@ -140,6 +143,98 @@ class FacePipeline(PipelineCore):
         info["table"] = await self.predictions.info.remote()
         return info
 
+    # ---- the review page (serve/review_page) and its JSON routes (serve.review, serve.review_http)
+
+    async def _review(self, request: Request, op: str, **kwargs: Any) -> dict[str, Any]:
+        authorize(request, self.api_token)
+        result = await self.predictions.review.remote(op, kwargs)
+        if "error" in result:
+            raise ApiError(result["status"], result["error"])
+        return result
+
+    @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
+    async def review_page(self) -> HTMLResponse:
+        """The page (open: it asks for the token when /v1 answers 401)."""
+        return HTMLResponse(page_file("index.html"))
+
+    @app.get("/review/{name}", include_in_schema=False)
+    async def review_file(self, name: str) -> Response:
+        if name not in PAGE_FILES:
+            raise ApiError(404, f"no such file: /review/{name}")
+        return Response(page_file(name), media_type=PAGE_FILES[name])
+
+    @app.get("/v1/review/people", response_model=ReviewPeopleOut, responses=ERRORS)
+    async def review_people(self, request: Request, offset: int = 0, limit: int = DEFAULT_PEOPLE,
+                            faces: int = 4, size: int = 96, which: str = "all") -> dict[str, Any]:
+        """People to review: unnamed first (the work), then largest first, each with its most typical
+        faces; `which=named` / `unnamed` lists those alone."""
+        check_page(offset, limit, MAX_PEOPLE)
+        return await self._review(request, "people", offset=offset, limit=limit, faces=min(max(faces, 0), 16),
+                                  size=size, which=which)
+
+    @app.get("/v1/review/person", response_model=ReviewPersonOut, responses=ERRORS)
+    async def review_person(self, request: Request, person: str | None = None, name: str | None = None,
+                            offset: int = 0, limit: int = DEFAULT_FACES, size: int = 128) -> dict[str, Any]:
+        """One person (`?name=` when named, else `?person=` its cluster id): faces, most typical first, paged."""
+        check_page(offset, limit, MAX_FACES)
+        return await self._review(request, "person", person=person, name=name, offset=offset, limit=limit, size=size)
+
+    @app.get("/v1/review/names", response_model=NamesOut, responses=ERRORS)
+    async def review_names(self, request: Request) -> dict[str, Any]:
+        """Names in use, sorted (the page offers them when naming)."""
+        return await self._review(request, "names")
+
+    @app.get("/v1/review/progress", response_model=ProgressOut, responses=ERRORS)
+    async def review_progress(self, request: Request) -> dict[str, Any]:
+        """How many faces and people are named, and how many are left."""
+        return await self._review(request, "progress")
+
+    @app.get("/v1/review/suggestions", response_model=SuggestionsOut, responses=ERRORS)
+    async def review_suggestions(self, request: Request, name: str, limit: int = 24, people: int = 6,
+                                 size: int = 128) -> dict[str, Any]:
+        """For a named person: the unnamed faces and people nearest its centre, best first."""
+        check_page(0, limit, MAX_FACES)
+        return await self._review(request, "suggestions", name=name, limit=limit, people=min(max(people, 0), 50),
+                                  size=size)
+
+    @app.post("/v1/review/name", response_model=ActOut, response_model_exclude_none=True, responses=ERRORS)
+    async def review_name(self, request: Request, body: NameIn) -> dict[str, Any]:
+        """Name a person (`person` or its current `name`) `to`: `name` rows for its faces, except
+        those marked `not` that name."""
+        return await self._review(request, "name_person", name=body.to, person=body.person, current=body.name,
+                                  author=body.author)
+
+    @app.post("/v1/review/merge", response_model=ActOut, response_model_exclude_none=True, responses=ERRORS)
+    async def review_merge(self, request: Request, body: MergeIn) -> dict[str, Any]:
+        """Merge people under one name: `name` rows for all their faces (unnamed people need `name`)."""
+        return await self._review(request, "merge", people=[p.model_dump() for p in body.people], name=body.name,
+                                  author=body.author)
+
+    @app.post("/v1/review/decide", response_model=ActOut, response_model_exclude_none=True, responses=ERRORS)
+    async def review_decide(self, request: Request, body: DecideIn) -> dict[str, Any]:
+        """Confirm faces as `name` and/or reject them (`not` rows: take faces out, reject suggestions)."""
+        return await self._review(request, "decide", name=body.name,
+                                  confirm=[(f.image_uri, f.face_index) for f in body.confirm],
+                                  reject=[(f.image_uri, f.face_index) for f in body.reject], author=body.author)
+
+    @app.post("/v1/review/forget", response_model=ActOut, response_model_exclude_none=True, responses=ERRORS)
+    async def review_forget(self, request: Request, body: ForgetIn) -> dict[str, Any]:
+        """Forget a name (a `forget` row): no face bears it until it is given again."""
+        return await self._review(request, "forget", name=body.name, author=body.author)
+
+    @app.get("/v1/faces/thumbnail", response_class=Response, responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}})
+    async def face_thumbnail(self, request: Request, image_uri: str, face_index: int, size: int = 128) -> Response:
+        """A face of the table cut from its photo by `bbox` (JPEG, `size` px square, cached; a grey
+        square when the photo cannot be read)."""
+        authorize(request, self.api_token)
+        if not 16 <= size <= 512:
+            raise ApiError(400, f"size must be 16..512, got {size}")
+        result = await self.predictions.thumbnail.remote(image_uri, face_index, size)
+        if "error" in result:
+            raise ApiError(result["status"], result["error"])
+        return Response(result["jpeg"], media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600" if result["real"] else "no-store"})
+
     @app.get("/healthz", responses=ERRORS)
     async def healthz(self) -> JSONResponse:
         """Runs a tiny batch through every stage (decode/detect, embed, heads); 503 if one fails."""
@@ -203,6 +298,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     predictions = Predictions.options(
         ray_actor_options=opts["Predictions"],
         user_config={"table_uri": args.get("table"), "people_uri": args.get("people"),
+                     "labels_uri": args.get("labels"),
                      "embeddings": bool(args.get("table_embeddings"))}).bind()
     return FacePipeline.options(
         ray_actor_options=opts["FacePipeline"], autoscaling_config=plan.autoscaling_config(),

@@ -278,16 +278,22 @@ class _Tables:
     people: list[dict] | None = None  # pipeline.people.list_people, largest first
     people_uri: str | None = None
     search_error: str | None = None
+    review: Any = None               # serve.review.Review (people + labels log), with table and people
 
 
 @serve.deployment(max_ongoing_requests=32)
 class Predictions:
     """A batch prediction table (``user_config.table_uri``) indexed in memory: row lookups,
     a kNN index of its faces for ``/v1/search`` (built when the table loads), and the people
-    of ``user_config.people_uri`` (a cluster_faces.py output) for ``/v1/people``."""
+    of ``user_config.people_uri`` (a cluster_faces.py output) for ``/v1/people``; with both,
+    the review page's state (``serve.review``) over ``user_config.labels_uri`` (the labels log)
+    and its face thumbnails (``serve.thumbnails``)."""
 
     def __init__(self) -> None:
+        from serve.thumbnails import Thumbnails
+
         self._tables = _Tables()
+        self.thumbnails = Thumbnails()
 
     def reconfigure(self, config: dict | None) -> None:
         """Load everything first, then swap: requests in flight keep the old tables."""
@@ -308,7 +314,52 @@ class Predictions:
             from pipeline.people import list_people
 
             new.people = list_people(people_uri, limit=2**62)
+        if table_uri and people_uri:
+            from serve.review import Review
+
+            new.review = Review.load(table_uri, people_uri, config.get("labels_uri") or None)
         self._tables = new
+
+    async def review(self, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The review page's reads and acts (``serve.review.Review`` method ``op``), in a thread:
+        a view rebuild or a log write does not hold up the replica's other requests."""
+        from serve.review import ReviewError
+
+        review = self._tables.review
+        if review is None:
+            return {"error": "the review page needs a prediction table and a people table "
+                             "(serve_api.py --table T --people P [--labels L])", "status": 404}
+        try:
+            return await asyncio.to_thread(getattr(review, op), **kwargs)
+        except ReviewError as exc:
+            return {"error": exc.reason, "status": exc.status}
+
+    async def thumbnail(self, image_uri: str, face_index: int, size: int) -> dict[str, Any]:
+        """A face's JPEG thumbnail, cut by its bbox (cached; a grey square for an unreadable photo)."""
+        from serve.review import ReviewError
+
+        tables = self._tables
+        try:
+            if tables.review is not None:
+                box = tables.review.box(image_uri, face_index)
+            else:
+                box = self._box(image_uri, face_index)
+        except ReviewError as exc:
+            return {"error": exc.reason, "status": exc.status}
+        data, real = await asyncio.to_thread(self.thumbnails.get, image_uri, face_index, box, size)
+        return {"jpeg": data, "real": real}
+
+    def _box(self, image_uri: str, face_index: int) -> tuple[float, float, float, float] | None:
+        from serve.review import ReviewError
+
+        index = self._tables.predictions
+        if index is None:
+            raise ReviewError(404, "no prediction table configured (--table)")
+        rows = [r for r in index.query(image_uri, {}, 1000, 0).rows if r.get("face_index") == face_index]
+        if not rows or rows[0].get("bbox") is None:
+            raise ReviewError(404, f"face not in the table: {image_uri} #{face_index}")
+        b = rows[0]["bbox"]
+        return (b["x"], b["y"], b["w"], b["h"])
 
     def search(self, embeddings: np.ndarray, k: int) -> dict[str, Any]:
         """Per face: up to k matches of the table, best first."""
@@ -349,4 +400,6 @@ class Predictions:
         if tables.predictions is None:
             return None
         return {**tables.predictions.describe(), "search_faces": len(tables.search) if tables.search else 0,
-                "people": len(tables.people) if tables.people is not None else None}
+                "people": len(tables.people) if tables.people is not None else None,
+                "labels_uri": tables.review.log.uri if tables.review is not None else None,
+                "thumbnails": self.thumbnails.stats()}
