@@ -297,3 +297,57 @@ def test_misuse_is_one_line(scored, tmp_path, capsys):
     assert import_xmp.main(["--photos", str(tmp_path / "none"), "--table", scored[1],
                             "--labels", str(tmp_path / "l")]) == 2
     assert "import_xmp: error:" in capsys.readouterr().err
+
+
+def test_round_trip_on_s3(scored, photos, local_s3, tmp_path, capsys):
+    """Photos, table, sidecars and the log in a bucket: sidecars land in the photos'
+    prefix (the listing root of the photos), the import reads them back from there."""
+    import pyarrow.parquet as pq
+
+    from jobs import export_xmp, import_xmp
+    from pipeline import storage
+
+    folder, table = scored
+    local_s3.create_bucket("xmp")
+    local_s3.upload_dir(folder, "xmp", "photos")
+    fs, _ = storage.resolve("s3://xmp")
+    t = pd.read_parquet(table)
+    t["image_uri"] = "s3://xmp/photos/" + t.image_uri.str.slice(len(str(folder)) + 1)
+    storage.put_parquet(fs, "xmp/table/part-0.parquet", pa_table(t))
+    log = "s3://xmp/labels"
+    named = name_some("s3://xmp/table", log)
+    text = run(export_xmp.main, ["--table", "s3://xmp/table", "--output", "s3://xmp/photos", "--labels", log,
+                                 "--min-score", "0"], capsys)
+    assert "listing root: xmp/photos" in text
+    side = "xmp/photos/portraits/obama-480p.jpg.xmp"
+    with fs.open_input_stream(side) as f:
+        assert b"mwg-rs:Regions" in f.read()
+    text = run(import_xmp.main, ["--photos", "s3://xmp/photos", "--table", "s3://xmp/table",
+                                 "--labels", "s3://xmp/fresh"], capsys)
+    s = labels.load("s3://xmp/fresh")
+    assert {(u, int(i)): n for u, i, n in zip(s.named.image_uri, s.named.face_index, s.named.name)} == named
+    assert pq.read_table("xmp/fresh/_import_unmatched.parquet", filesystem=fs).num_rows == 0
+
+
+def pa_table(df: pd.DataFrame):  # noqa: ANN201
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def test_entity_expansion_and_broken_regions_are_malformed_not_crashes():
+    from pipeline.xmp.read import packet_regions
+    from pipeline.xmp.write import XmpError
+
+    bomb = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;">]>'
+            b'<x:xmpmeta xmlns:x="adobe:ns:meta/">&b;</x:xmpmeta>')
+    with pytest.raises(XmpError):
+        packet_regions(bomb)
+    broken = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              b'<rdf:Description xmlns:mwg-rs="http://www.metadataworkinggroup.com/schemas/regions/" '
+              b'xmlns:stArea="http://ns.adobe.com/xmp/sType/Area#"><mwg-rs:Regions rdf:parseType="Resource">'
+              b'<mwg-rs:RegionList><rdf:Bag><rdf:li rdf:parseType="Resource"><mwg-rs:Area stArea:x="left" '
+              b'stArea:y="0.5" stArea:w="0.1" stArea:h="0.1"/></rdf:li></rdf:Bag></mwg-rs:RegionList>'
+              b'</mwg-rs:Regions></rdf:Description></rdf:RDF></x:xmpmeta>')
+    with pytest.raises(ValueError):
+        packet_regions(broken)

@@ -155,7 +155,8 @@ def _face_keys(table_uri: str) -> pa.Table:
     flt = pc.is_valid(pc.field("face_index"))
     if "frame_index" in ds.schema.names:
         flt = flt & ~pc.is_valid(pc.field("frame_index"))
-    return ds.to_table(columns=["image_uri", "face_index"], filter=flt)
+    t = ds.to_table(columns=["image_uri", "face_index"], filter=flt)
+    return t.cast(pa.schema([("image_uri", pa.string()), ("face_index", pa.int32())]))
 
 
 # ------------------------------------------------------------------ one part file, in a task
@@ -195,8 +196,9 @@ def export_part(part: str, table_uri: str, root: str, output: str | None, named:
     names: list[str | None] = [None] * faces.num_rows
     if named.num_rows and faces.num_rows:
         # Acero joins no struct column (bbox): join the keys with their row numbers
-        keys = faces.select(["image_uri", "face_index"]).append_column(
-            "_row", pa.array(range(faces.num_rows), pa.int64()))
+        keys = pa.table({"image_uri": faces.column("image_uri").cast(pa.string()),
+                         "face_index": faces.column("face_index").cast(pa.int32()),
+                         "_row": pa.array(range(faces.num_rows), pa.int64())})
         hit = keys.join(named, keys=["image_uri", "face_index"], join_type="inner")
         for row, name in zip(hit.column("_row").to_pylist(), hit.column("name").to_pylist()):
             names[row] = name

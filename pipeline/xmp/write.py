@@ -93,7 +93,7 @@ def _register_prefixes(data: bytes) -> None:
 
 def parse(data: bytes) -> ET.Element:
     """An XMP packet's root element, parsed safely; an ``XmpError`` when it is not XML."""
-    from defusedxml import ElementTree as SafeET
+    import defusedxml.ElementTree as SafeET
     from defusedxml.common import DefusedXmlException
 
     try:
