@@ -351,3 +351,31 @@ def test_entity_expansion_and_broken_regions_are_malformed_not_crashes():
               b'</mwg-rs:Regions></rdf:Description></rdf:RDF></x:xmpmeta>')
     with pytest.raises(ValueError):
         packet_regions(broken)
+
+
+def test_a_face_takes_its_persons_name(scored, photos, tmp_path, capsys):
+    """With --people, every face of a named person carries the name (pipeline.people.names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import export_xmp
+
+    _, table = scored
+    f = faces_of(table)
+    two = f[f.image_uri.str.endswith("two_people.jpg")]
+    rot = f[f.image_uri.str.endswith(ROTATED)]
+    people = tmp_path / "people"
+    people.mkdir()
+    members = pd.concat([two.head(1), rot.head(1)])             # one person across two photos
+    pq.write_table(pa.table({"image_uri": members.image_uri.tolist(),
+                             "face_index": pa.array(members.face_index.tolist(), pa.int32()),
+                             "person": ["p000001"] * len(members)}), people / "part-0.parquet")
+    log = str(tmp_path / "labels")
+    labels.append(log, labels.decisions("name", "Анна & Co", [(two.image_uri.iloc[0], int(two.face_index.iloc[0]))],
+                                        author="test", source="test"))
+    out = tmp_path / "sidecars"
+    text = run(export_xmp.main, ["--table", table, "--output", str(out), "--people", str(people), "--labels", log],
+               capsys)
+    assert "2 named" in text
+    info = read_back(out / f"{ROTATED}.xmp")
+    assert [r.get("Name") for r in info["RegionInfo"]["RegionList"]][int(rot.face_index.iloc[0])] == "Анна & Co"

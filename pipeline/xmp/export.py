@@ -133,16 +133,11 @@ def named_faces(faces: pa.Table, people_uri: str | None, labels_uri: str | None)
         return NAMED_SCHEMA.empty_table()
     from pipeline import labels
     from pipeline.people import read_people
+    from pipeline.people.names import face_names
 
     people = read_people(people_uri) if people_uri else None
     state = labels.load(labels_uri)
-    try:
-        from pipeline.people.names import face_names
-    except ModuleNotFoundError:  # TODO(issue 26): drop once pipeline/people/names.py (issue 24) lands
-        t = pa.Table.from_pandas(state.named, preserve_index=False)
-        t = faces.join(t.cast(NAMED_SCHEMA), keys=["image_uri", "face_index"], join_type="inner")
-    else:
-        t = face_names(faces, people, state)
+    t = face_names(faces, people, state)
     t = t.filter(pc.is_valid(t.column("name")))
     return t.select(NAMED_SCHEMA.names).cast(NAMED_SCHEMA)
 
