@@ -5,7 +5,8 @@ some LFW portraits and a few non-faces when present; else scikit-image's sample 
 or --photos DIR), runs the scoring job from s3:// to s3:// (faces, boxes, embeddings, age,
 gender, emotion; names too with --model), groups the faces into people with the people
 job, prints both summaries and a few rows, copies the contact sheet next to you
-(--sheet), stops S3.
+(--sheet), keeps a local copy of the photos, table and people (--keep) and prints the
+command that opens the review page on them, stops S3.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a model bundle from train_classifier.py: faces get names too")
     p.add_argument("--sheet", default="faceray-demo-people.html",
                    help="where to copy the people contact sheet (default ./faceray-demo-people.html)")
+    p.add_argument("--keep", default="faceray-demo",
+                   help="where to keep the photos, table and people for the review page (default ./faceray-demo)")
     args = p.parse_args(argv)
     if args.photos and not Path(args.photos).is_dir():
         p.error(f"--photos {args.photos}: not a folder")
@@ -101,7 +104,35 @@ def _demo(args: argparse.Namespace) -> int:
         with fs.open_input_stream("faceray-demo/people/_people.html") as f:
             Path(args.sheet).write_bytes(f.read())
         print(f"\npeople contact sheet (open it in a browser): {Path(args.sheet).resolve()}")
+        kept = keep_for_review(fs, Path(tmp), Path(args.keep).resolve())
+    here = Path.cwd()
+    rel = lambda p: p.relative_to(here) if p.is_relative_to(here) else p  # noqa: E731
+    print(f"\nname the people in a browser (the review page; names go to the labels log {rel(kept / 'labels')}):\n"
+          f"  .venv/bin/python jobs/serve_api.py --table {rel(kept / 'predictions')} --people {rel(kept / 'people')} "
+          f"--labels {rel(kept / 'labels')} --port 8000\n"
+          f"  then open http://127.0.0.1:8000/review")
     return 0
+
+
+def keep_for_review(fs, photos: Path, keep: Path) -> Path:  # noqa: ANN001
+    """A local copy of the demo's photos, prediction table and people (their ``image_uri``
+    pointing at the copied photos), so the review page can serve them after the demo's S3
+    stops.  The labels log under ``keep/labels`` stays across runs: it is keyed by face."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    shutil.copytree(photos, keep / "photos", dirs_exist_ok=True)
+    for name in ("predictions", "people"):
+        t = pads.dataset(f"faceray-demo/{name}", filesystem=fs, format="parquet").to_table()
+        uri = pc.replace_substring_regex(t.column("image_uri"), "^s3://faceray-demo/photos", str(keep / "photos"))
+        t = t.set_column(t.schema.get_field_index("image_uri"), "image_uri", uri)
+        shutil.rmtree(keep / name, ignore_errors=True)
+        (keep / name).mkdir(parents=True)
+        pq.write_table(t, keep / name / "part-0.parquet")
+    return keep
 
 
 if __name__ == "__main__":

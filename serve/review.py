@@ -59,9 +59,28 @@ class Faces:
     person: np.ndarray         # int64 cluster number (p000042 → 42); 0: in no cluster
     embedding: np.ndarray      # float32 N×128, unit rows
     bbox: np.ndarray | None    # float32 N×4 (x, y, w, h), photo pixels
+    _keys: pa.Table | None = field(default=None, repr=False)
+    _people: pa.Table | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.face_index)
+
+    @property
+    def key_table(self) -> pa.Table:
+        """(image_uri, face_index) of every face, in order."""
+        if self._keys is None:
+            self._keys = pa.table({"image_uri": pa.array(self.image_uri, pa.string()),
+                                   "face_index": pa.array(self.face_index, pa.int32())})
+        return self._keys
+
+    @property
+    def people_table(self) -> pa.Table:
+        """(image_uri, face_index, person) of the faces in a cluster: the people table's rows."""
+        if self._people is None:
+            inside = self.person > 0
+            self._people = self.key_table.filter(pa.array(inside)).append_column(
+                "person", pa.array([pid(p) for p in self.person[inside]], pa.string()))
+        return self._people
 
     @classmethod
     def load(cls, table_uri: str, people_uri: str) -> "Faces":
@@ -131,29 +150,17 @@ class View:
 
 def build_view(faces: Faces, state: labels.LabelState, version: int = 0) -> View:
     """Faces + the replayed log → the people the page lists (rules in the module docstring)."""
+    from pipeline.people.names import face_names
+
     n = len(faces)
-    own = np.full(n, None, dtype=object)
-    if len(state.named):
-        rows, keep = _rows_of(faces, state.named)
-        own[rows] = state.named.name.to_numpy(dtype=object)[keep]
     rejected: dict[str, np.ndarray] = {}
     if len(state.rejected):
         rows, keep = _rows_of(faces, state.rejected)
         for nm, grp in pd.Series(rows).groupby(state.rejected.name.to_numpy()[keep]):
             rejected[str(nm)] = np.sort(grp.to_numpy(np.int64))
-    # a cluster's name: the one most of its named faces carry (ties: the first in name order)
-    name = own.copy()
-    has = (own != None) & (faces.person > 0)  # noqa: E711 (element-wise)
-    if has.any():
-        counts = pd.DataFrame({"p": faces.person[has], "n": own[has]}).value_counts().reset_index()
-        counts = counts.sort_values(["p", "count", "n"], ascending=[True, False, True]).drop_duplicates("p")
-        majority = dict(zip(counts.p.to_numpy(), counts.n.to_numpy()))
-        heir = (own == None) & np.isin(faces.person, counts.p.to_numpy())  # noqa: E711
-        rows = np.flatnonzero(heir)
-        name[rows] = [majority[p] for p in faces.person[rows]]
-        for nm, rrows in rejected.items():  # "not X" wins over inheriting X
-            back = rrows[(own[rrows] == None) & (name[rrows] == nm)]  # noqa: E711
-            name[back] = None
+    # who each face is: pipeline.people.names' rules, shared with the people job, label_table and XMP
+    name = np.asarray(face_names(faces.key_table, faces.people_table, state).column("name").to_numpy(zero_copy_only=False),
+                      dtype=object)
     named = name != None  # noqa: E711
     names, code = np.unique(name[named].astype(str), return_inverse=True) if named.any() else (np.array([], str), None)
     entry = np.full(n, -1, np.int64)
@@ -254,11 +261,19 @@ class Review:
     # ------------------------------------------------------------ state
 
     def view(self, force: bool = False) -> View:
-        """The current view (the log re-listed when ``refresh_s`` has passed, or ``force``)."""
-        with self._lock:
+        """The current view (the log re-listed when ``refresh_s`` has passed, or ``force``).
+        A read that finds another request rebuilding gets the view before that rebuild rather
+        than waiting (~0.3 s at 10^5 faces); acts (``force``) always wait for the newest."""
+        if not force and not self._lock.acquire(blocking=False):
+            return self._view
+        if force:
+            self._lock.acquire()
+        try:
             if self.log.refresh(force) or self._view.version != self.log.version:
                 self._view = build_view(self.faces, self.log.state, self.log.version)
             return self._view
+        finally:
+            self._lock.release()
 
     def _entry(self, v: View, person: str | None = None, name: str | None = None) -> int:
         """The listed person of a reference: ``name`` (a named person) or ``person`` (a cluster
