@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy import sparse
 
 from pipeline import labels
 
@@ -173,13 +174,10 @@ def build_view(faces: Faces, state: labels.LabelState, version: int = 0) -> View
     size = np.bincount(entry[entry >= 0], minlength=n_entries)
     # centres and each face's cosine to its entry's centre: "most typical first"
     listed = np.flatnonzero(entry >= 0)
-    by_entry = listed[np.argsort(entry[listed], kind="stable")]
     starts = np.r_[0, np.cumsum(size)].astype(np.int64)
-    centres = np.zeros((n_entries, faces.embedding.shape[1]), np.float32)
-    if len(by_entry):
-        nonempty = size > 0
-        sums = np.add.reduceat(faces.embedding[by_entry], starts[:-1][nonempty], axis=0)
-        centres[nonempty] = sums
+    # per-entry sums as one sparse (entries × faces) product: ~10× np.add.reduceat over 20k segments
+    members_of = sparse.csr_matrix((np.ones(len(listed), np.float32), (entry[listed], listed)), shape=(n_entries, n))
+    centres = np.asarray(members_of @ faces.embedding, np.float32)
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
     similarity = np.zeros(n, np.float32)
     similarity[listed] = np.einsum("ij,ij->i", faces.embedding[listed], centres[entry[listed]])
