@@ -6,17 +6,25 @@ report.html) to --output.
     python jobs/train_classifier.py --data s3://bucket/utkface --layout utk --task age,gender --output s3://bucket/models/utk
     ray job submit --working-dir . -- python jobs/train_classifier.py --data … --output … --workers 4 --use-gpu
     python jobs/train_classifier.py --layout people --data people/ --names names.csv --output models/family
+    python jobs/train_classifier.py --layout labels --data predictions/ --labels labels/ --output models/family
 
 Photos go through the scoring job's crop and embed stages; each photo contributes its
 main face, photos without a face are counted and reported.  Embeddings are cached
 (--cache) so a retrain with other settings does not re-embed.  --finetune last|all then
-trains the identity backbone with the heads the frozen fit chose, on the cached face
-chips (pipeline/training/finetune.py); the bundle carries the tuned backbone.
+trains the network(s) the heads the frozen fit chose read (the identity backbone, an
+attribute network, or both) with those heads, on the cached face chips
+(pipeline/training/finetune.py); the bundle carries each tuned network, and only when the
+tuned model beats the frozen one on validation.  A task a built-in network answers
+(emotion, age, gender) starts from that network's output layer and ships the built-in
+answer (prefer_builtin) unless the trained head beats it on validation.
 
 --layout people: --data is a cluster_faces.py output and --names a CSV (person,name);
 every face of a named person trains the identity task under that name, with the
 embeddings of the table it was clustered from (no photo is read again); unnamed people
-are the strangers the open-set rule learns to reject.
+are the strangers the open-set rule learns to reject.  With --labels L its names are also
+appended to the labels log (one row per face).  --layout labels: --data is a prediction
+table and --labels a labels log; its named faces train identity, the unnamed ones are the
+strangers.
 """
 from __future__ import annotations
 
@@ -58,10 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="labelled photos: folder or s3://bucket/prefix "
                                                  "(--layout people: a cluster_faces.py output)")
     p.add_argument("--output", required=True, help="model bundle: folder or s3://bucket/prefix")
-    p.add_argument("--layout", choices=("folders", "csv", "utk", "people"), default="folders",
+    p.add_argument("--layout", choices=("folders", "csv", "utk", "people", "labels"), default="folders",
                    help="folders: <root>/<label>/<img>; csv: <root>/index.csv; utk: UTKFace names; "
-                        "people: named people of a cluster_faces.py output (with --names)")
+                        "people: named people of a cluster_faces.py output (with --names); "
+                        "labels: the named faces of a labels log (--labels) in a prediction table (--data)")
     p.add_argument("--names", help="--layout people: CSV (local or s3://) with columns person,name")
+    p.add_argument("--labels", help="labels log (folder or s3://): --layout labels trains from its named faces; "
+                                    "--layout people appends the --names to it")
     p.add_argument("--task", help="folders: the task's name (default identity); csv/utk: tasks to train, "
                                   "comma-separated (default all)")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers (default 2)")
@@ -93,11 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <output>/checkpoints after success")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--finetune", choices=("none", "last", "all"), default="none",
-                   help="train the identity backbone with the heads after a frozen-feature fit (DESIGN.md): "
-                        "last = its last stage, all = all of it; none (default) = heads on frozen features")
+                   help="after a frozen-feature fit, train the network(s) the chosen heads read (identity "
+                        "backbone, attribute network) with them (DESIGN.md): last = their last stage, all = all "
+                        "of them; the tuned model ships only if it beats the frozen one on validation; "
+                        "none (default) = heads on frozen features")
     p.add_argument("--finetune-epochs", type=positive_int, default=10, help="maximum fine-tuning epochs (default 10)")
     p.add_argument("--finetune-lr", type=float, default=1e-4,
-                   help="the backbone's learning rate when fine-tuning (heads: 10×; default 1e-4)")
+                   help="the tuned networks' learning rate (heads: 10×; default 1e-4)")
     add_ray_flags(p)
     args = p.parse_args(argv)
     if args.val_frac + args.test_frac >= 0.8:
@@ -122,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from pipeline.training import finetune
 
-    check_flags(args.layout, args.names)   # before starting Ray: misuse answers at once
+    check_flags(args.layout, args.names, args.labels)   # before starting Ray: misuse answers at once
     finetune.check_flags(args.finetune, args.layout, args.features)
     settings = Settings()
     open_set = None
@@ -133,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
                       val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
                       task_weights=args.task_weights, open_set=open_set,
                       target_frr=args.target_frr if args.target_frr is not None
-                      else PEOPLE_TARGET_FRR if args.layout == "people" else TrainConfig.target_frr,
+                      else PEOPLE_TARGET_FRR if args.layout in ("people", "labels") else TrainConfig.target_frr,
                       max_failures=args.max_failures, finetune=args.finetune,
                       finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
     cache = args.cache or str(Path(settings.cache_dir) / "embeddings")
@@ -143,7 +156,8 @@ def _train(args: argparse.Namespace) -> int:
     init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
     outcome = train(args.data, args.output, args.layout, args.task, cfg, settings, cache_uri=cache,
                     unknown_uri=args.unknown, report=not args.no_report,
-                    keep_checkpoints=args.keep_checkpoints, names_uri=args.names)
+                    keep_checkpoints=args.keep_checkpoints, names_uri=args.names,
+                    labels_uri=args.labels)
     print("\n".join(["", "== faceray train_classifier summary", *outcome.lines()]))
     return 0
 

@@ -473,6 +473,38 @@ AUTO_FEATURES: tuple[str, ...] = ("age", "gender", "emotion")
 OUTPUT_FEATURES: dict[str, str] = {"age": "age", "gender": "gender", "emotion": "emotion_taps"}
 
 
+#: The network each feature set comes from.
+FEATURE_NETWORK: dict[str, str] = {"age": "age", "gender": "gender", "emotion": "emotion", "emotion_taps": "emotion"}
+
+
+def load_networks(cache_dir: str | os.PathLike | None = None) -> dict[str, nn.Module]:
+    """The three networks in fp32 on the CPU, denormals flushed (what fine-tuning starts from)."""
+    nets = _load_nets({task: default_model_path(task) for task in MODEL_FILES}, cache_dir)
+    for net in nets.values():
+        _flush_denormals(net)
+    return nets
+
+
+def last_stage(task: str, net: nn.Module) -> list[nn.Module]:
+    """The part of a network ``--finetune last`` trains: what makes its penultimate
+    features from the previous stage's output (age: the last residual block; gender: the
+    second conv pair and fc1; emotion: the last Xception block).  The output layer is not
+    in it: a head replaces it (a ``builtin`` head starts as a copy of it)."""
+    if task == "age":
+        return [net.blocks[-1]]
+    if task == "gender":
+        return [net.convs[2], net.convs[3], net.fc1]
+    return [net.blocks[-1]]
+
+
+def network_features(task: str, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A network's feature sets (``FEATURE_NETWORK``) for its normalised input ``x``."""
+    if task == "emotion":
+        _, feat, taps = net.forward_taps(x)
+        return {"emotion": feat, "emotion_taps": taps}
+    return {task: net(x)[1]}
+
+
 def output_layer(nets: Mapping[str, nn.Module], task: str) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) of a built-in network's output layer on ``OUTPUT_FEATURES[task]``: age's 81
     bins, gender in ``GENDER_LABELS`` order, emotion in ``EMOTION_LABELS`` order."""
@@ -507,7 +539,9 @@ class AttributeNets:
 
     def __init__(self, device: str | torch.device | None = None, batch_size: int = 32, threads: int | None = None,
                  model_paths: Mapping[str, str] | None = None, precision: str = "fp32",
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, tuned: Mapping[str, bytes] | None = None) -> None:
+        """``tuned``: network name → a fine-tuned state dict (``torch.save`` bytes, a
+        bundle's ``<attribute>.pt``) replacing that network's pretrained weights."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = max(1, int(batch_size))
         if self.device.type == "cpu":
@@ -518,6 +552,10 @@ class AttributeNets:
         paths = {task: given.get(task) or default_model_path(task) for task in MODEL_FILES}
         self.model_paths = paths
         nets = _load_nets(paths, cache_dir)
+        for task, data in (tuned or {}).items():
+            import io
+
+            nets[task].load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
         for net in nets.values():
             _flush_denormals(net)       # before the cast: bf16 keeps fp32's exponent range (and subnormals)
         self.precision: PrecisionChoice = choose(precision, self.device.type)

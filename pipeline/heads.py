@@ -42,8 +42,9 @@ import torch.nn as nn
 
 from pipeline.contract import CLASSIFICATION, EMBEDDING_DIM, REGRESSION, UNKNOWN, ModelFileError
 
-FORMAT_VERSION = 2              # written when a task reads attribute features
-READABLE_VERSIONS = (1, 2)      # 1: every head on the identity embedding (no "features" key)
+FORMAT_VERSION = 3              # written when a head is a built-in output layer or a network was tuned
+READABLE_VERSIONS = (1, 2, 3)   # 1: every head on the identity embedding (no "features" key); 2: heads
+                                # on attribute features
 IDENTITY = "identity"
 IDENTITY_TASK_NAMES = frozenset({"identity", "person", "name"})
 
@@ -235,30 +236,35 @@ class OpenSetCalibration:
 
 def calibrate_open_set(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, centroids: np.ndarray,
                        target_frr: float = 0.02) -> OpenSetCalibration:
-    """Thresholds from validation faces of known people only.
+    """Thresholds from validation faces of known people only, spending the budget: at most
+    ``target_frr`` of them rejected (exactly that share, but for ties).
 
-    Genuine distances: a validation face to its own class centroid.  Impostor distances
-    (the stand-in for unseen people): the same face to the *nearest other* centroid, i.e.
-    what it would look like if its class had not been trained.  ``max_dist`` is put
-    midway between the genuine (1 - target_frr) quantile and the impostor 5 % quantile when
-    they are apart, and never below the genuine quantile, so known faces are rarely
-    rejected; ``min_prob`` drops only the least confident known faces (target_frr / 2).
+    ``min_prob`` drops the least confident known faces (half the budget at most, never
+    more than a majority); ``max_dist`` is then the tightest distance that keeps the
+    rejected known faces within the budget, by the single-face rule ``decide`` applies
+    (the nearest centroid among labels with probability ≥ ``min_prob``).  Why tight: every
+    known face the budget allows to be rejected buys strangers rejected; the earlier rule
+    (a margin halfway to the stand-in strangers) rejected 0.8 % of known faces against a
+    3 % budget.  ``est_unknown_reject``: the stand-in strangers (each face's distance to the
+    nearest *other* centroid: how it would look had its class not been trained) rejected.
     """
     y = np.asarray(y)
+    n = len(y)
+    if n == 0:
+        return OpenSetCalibration(0.0, 2.0, 0.0, 0.0)
     d = cosine_distance(emb, centroids)
-    genuine = d[np.arange(len(y)), y]
     other = d.copy()
-    other[np.arange(len(y)), y] = np.inf
+    other[np.arange(n), y] = np.inf
     impostor = other.min(axis=1)
     top = probs.max(axis=1)
-    min_prob = float(np.quantile(top, target_frr / 2)) if len(top) else 0.0
-    min_prob = min(min_prob, 0.5)  # never demand more than a majority
-    g = float(np.quantile(genuine, 1 - target_frr / 2)) if len(genuine) else 1.0
-    i5 = float(np.quantile(impostor, 0.05)) if len(impostor) else 2.0
-    max_dist = max(g, (g + i5) / 2) if i5 > g else g
-    rejected = (top < min_prob) | (d[np.arange(len(y)), probs.argmax(1)] > max_dist)
-    return OpenSetCalibration(min_prob, max_dist, float(rejected.mean()) if len(y) else 0.0,
-                              float((impostor > max_dist).mean()) if len(y) else 0.0)
+    min_prob = min(float(np.quantile(top, target_frr / 2)), 0.5)
+    allowed = int(np.floor(target_frr * n + 1e-9))
+    dk = np.sort(_nearest_acceptable(probs, d, min_prob))
+    t = float(dk[n - 1 - allowed]) if allowed < n else 0.0
+    if not np.isfinite(t):   # min_prob alone spends the budget: keep it, accept every remaining face
+        t = float(dk[np.isfinite(dk)].max()) if np.isfinite(dk).any() else 2.0
+    rejected = _nearest_acceptable(probs, d, min_prob) > t
+    return OpenSetCalibration(min_prob, t, float(rejected.mean()), float((impostor > t).mean()))
 
 
 @dataclass
@@ -288,8 +294,9 @@ def calibrate_with_strangers(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, 
     trade-off is measured instead.  For each candidate ``min_prob`` (a grid spending 0 to
     all of the budget on it) the tightest ``max_dist`` within the budget is found exactly
     from the sorted known distances; the pair rejecting most strangers wins (ties: fewer
-    known rejected).  ``max_dist`` is then moved halfway to the next stranger distance, a
-    margin for known faces that costs no validation stranger.
+    known rejected).  No margin beyond that threshold: the budget is spent (the halfway
+    margin to the next stranger distance kept known rejections at 0.8 % of a 3 % budget
+    while strangers went through).
     """
     d_known = cosine_distance(emb, centroids)
     d_str = cosine_distance(s_emb, centroids)
@@ -308,9 +315,7 @@ def calibrate_with_strangers(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, 
         k_rej = float((dk > t).mean())
         key = (s_rej, -k_rej, -m)
         if best is None or key > best[0]:
-            above = ds[np.isfinite(ds) & (ds > t)]
-            t_out = float((t + above.min()) / 2) if len(above) else float(t)
-            best = (key, m, t_out)
+            best = (key, m, float(t))
     if best is None:   # cannot happen with min_prob 0 (every face has a finite distance); be safe
         c = calibrate_open_set(probs, emb, y, centroids, target_frr)
         return StrangerCalibration(c.min_prob, c.max_dist, c.val_known_reject, c.est_unknown_reject,
@@ -319,6 +324,25 @@ def calibrate_with_strangers(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, 
     k_rej = float((_nearest_acceptable(probs, d_known, m) > t).mean()) if n else 0.0
     s_rej = float((_nearest_acceptable(s_probs, d_str, m) > t).mean()) if len(s_emb) else 0.0
     return StrangerCalibration(float(m), float(t), k_rej, s_rej, len(s_emb), target_stranger_reject)
+
+
+BUDGETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)   # known-rejection budgets the report compares
+
+
+def budget_curve(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, centroids: np.ndarray,
+                 s_probs: np.ndarray | None = None, s_emb: np.ndarray | None = None,
+                 budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, float]]:
+    """What each known-rejection budget buys on validation: the known faces and strangers
+    (real ones when given, else the stand-ins of ``calibrate_open_set``) it rejects."""
+    out = []
+    for b in budgets:
+        if s_emb is not None and len(s_emb):
+            c: OpenSetCalibration = calibrate_with_strangers(probs, emb, y, centroids, s_probs, s_emb, b)
+        else:
+            c = calibrate_open_set(probs, emb, y, centroids, b)
+        out.append({"budget": b, "known_rejected": c.val_known_reject, "strangers_rejected": c.est_unknown_reject,
+                    "real_strangers": bool(s_emb is not None and len(s_emb))})
+    return out
 
 
 def assign_exclusive(probs: np.ndarray, acceptable: np.ndarray, photo_ids: np.ndarray) -> np.ndarray:
@@ -377,13 +401,20 @@ def content_hash(meta: dict[str, Any], weights: bytes) -> str:
 class ModelBundle:
     """model.json + heads.pt: everything the scoring job and the endpoint need to label faces."""
 
-    def __init__(self, meta: dict[str, Any], state: dict[str, Any], backbone: bytes | None = None) -> None:
+    def __init__(self, meta: dict[str, Any], state: dict[str, Any], backbone: bytes | None = None,
+                 networks: dict[str, bytes] | None = None) -> None:
+        import threading
+
         import torch
 
         self.meta = meta
         #: a fine-tuned identity backbone (``backbone.pt``) the heads read instead of the base one
         self.tuned_backbone = backbone
+        #: fine-tuned attribute networks (``<attribute>.pt``) whose features the heads read
+        self.tuned_networks: dict[str, bytes] = dict(networks or {})
         self._tuned: Any = None
+        self._tuned_attrs: Any = None
+        self._lock = threading.Lock()
         self.specs = [TaskSpec.from_json(t) for t in meta["tasks"]]
         self.tasks: list[tuple[str, str]] = [(s.name, s.kind) for s in self.specs]
         self.model_version: str = meta["model_version"]
@@ -402,10 +433,11 @@ class ModelBundle:
 
     @classmethod
     def in_memory(cls, specs: list[TaskSpec], heads_state: dict[str, Any],
-                  centroids: dict[str, np.ndarray], backbone: bytes | None = None) -> "ModelBundle":
+                  centroids: dict[str, np.ndarray], backbone: bytes | None = None,
+                  networks: dict[str, bytes] | None = None) -> "ModelBundle":
         """A bundle not yet written (training calibrates and evaluates with it)."""
         return cls({"tasks": [s.to_json() for s in specs], "model_version": "in-memory"},
-                   bundle_state(heads_state, centroids), backbone)
+                   bundle_state(heads_state, centroids), backbone, networks)
 
     # -- io
     @classmethod
@@ -439,17 +471,32 @@ class ModelBundle:
             raise ModelFileError(f"model {uri}: heads.pt or model.json changed since the bundle was "
                              "written (content hash mismatch)")
         backbone = cls._read_backbone(fs, path, uri, meta.get("finetune"))
+        networks = {name: cls._read_file(fs, path, uri, entry)
+                    for name, entry in ((meta.get("finetune") or {}).get("networks") or {}).items()}
         try:
             state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-            return cls(meta, state, backbone)
+            return cls(meta, state, backbone, networks)
         except Exception as exc:  # a truncated or foreign state dict is a bad bundle
             raise ModelFileError(f"model {uri}: cannot rebuild the heads: {str(exc).splitlines()[0]}") from None
+
+    @staticmethod
+    def _read_file(fs: Any, path: str, uri: str, entry: dict[str, Any]) -> bytes:
+        """A tuned network's bytes (``{"file", "weights_sha256"}``), checked against the hash."""
+        try:
+            with fs.open_input_stream(f"{path}/{entry['file']}") as f:
+                data = f.read()
+        except (FileNotFoundError, OSError, KeyError) as exc:
+            raise ModelFileError(f"model {uri}: fine-tuned network missing ({exc})") from None
+        if hashlib.sha256(data).hexdigest() != entry.get("weights_sha256"):
+            raise ModelFileError(f"model {uri}: {entry['file']} changed since the bundle was written "
+                                 "(sha256 mismatch)")
+        return data
 
     @staticmethod
     def _read_backbone(fs: Any, path: str, uri: str, finetune: dict[str, Any] | None) -> bytes | None:
         """A fine-tuned bundle's backbone bytes, checked against the hash model.json holds
         (which is part of ``model_version``)."""
-        if not finetune:
+        if not finetune or "file" not in finetune:
             return None
         try:
             with fs.open_input_stream(f"{path}/{finetune['file']}") as f:
@@ -463,9 +510,11 @@ class ModelBundle:
 
     @staticmethod
     def write(uri: str, specs: list[TaskSpec], heads_state: dict[str, Any],
-              centroids: dict[str, np.ndarray], extra: dict[str, Any], backbone: bytes | None = None) -> dict[str, Any]:
-        """Write heads.pt (and a fine-tuned ``backbone.pt``), then model.json (last, so a
-        half-written bundle never loads)."""
+              centroids: dict[str, np.ndarray], extra: dict[str, Any], backbone: bytes | None = None,
+              networks: dict[str, bytes] | None = None) -> dict[str, Any]:
+        """Write heads.pt (and a fine-tuned ``backbone.pt``, each fine-tuned attribute
+        network's ``<attribute>.pt``), then model.json (last, so a half-written bundle never
+        loads)."""
         import torch
 
         from pipeline import storage
@@ -474,14 +523,22 @@ class ModelBundle:
         torch.save(bundle_state(heads_state, centroids), buf)
         weights = buf.getvalue()
         # version 1 while every head reads the identity embedding: older builds still load it
-        version = FORMAT_VERSION if any(s.features != IDENTITY for s in specs) else 1
+        version = (FORMAT_VERSION if networks or any(s.head == BUILTIN for s in specs)
+                   else 2 if any(s.features != IDENTITY for s in specs) else 1)
         meta = {"format_version": version, **extra, "tasks": [s.to_json() for s in specs]}
         if backbone is not None:  # its hash is in model.json, so in model_version
             meta["finetune"] = {**meta.get("finetune", {}), "file": "backbone.pt",
                                 "weights_sha256": hashlib.sha256(backbone).hexdigest()}
+        if networks:  # each hash in model.json, so in model_version
+            meta["finetune"] = {**meta.get("finetune", {}), "networks": {
+                name: {"file": f"{name}.pt", "weights_sha256": hashlib.sha256(data).hexdigest()}
+                for name, data in sorted(networks.items())}}
         meta["model_version"] = content_hash(meta, weights)
         fs, path = storage.resolve(uri)
         fs.create_dir(path, recursive=True)
+        for name, data in sorted((networks or {}).items()):
+            with fs.open_output_stream(f"{path}/{name}.pt") as f:
+                f.write(data)
         if backbone is not None:
             with fs.open_output_stream(f"{path}/backbone.pt") as f:
                 f.write(backbone)
@@ -502,11 +559,38 @@ class ModelBundle:
 
     def head_embeddings(self, chips: np.ndarray, embeddings: np.ndarray, precision: str = "fp32") -> np.ndarray:
         """The identity embeddings the heads read: the base ones given, or for a fine-tuned
-        bundle its own backbone's on the same chips."""
+        bundle its own backbone's on the same chips.  A bundle with tuned attribute
+        networks returns them as ``HeadEmbeddings`` carrying those networks' features, which
+        ``raw``/``predict`` then read instead of the base features they are given (so every
+        caller of ``predict(head_embeddings(…), ids, features)`` runs the tuned networks)."""
         tuned = self.tuned_embedder(precision)
-        if tuned is None or not len(chips):
-            return embeddings
-        return tuned(chips)
+        emb = embeddings if tuned is None or not len(chips) else tuned(chips)
+        if not self.tuned_networks:
+            return emb
+        out = np.asarray(emb, np.float32).view(HeadEmbeddings)
+        out.features = self.tuned_features(chips, precision)
+        return out
+
+    def tuned_attributes(self, precision: str = "fp32") -> Any:
+        """The attribute networks with this bundle's tuned weights (built once), or None."""
+        if self.tuned_networks and self._tuned_attrs is None:
+            with self._lock:
+                if self._tuned_attrs is None:
+                    from pipeline.attributes import AttributeNets
+
+                    self._tuned_attrs = AttributeNets(precision=precision, tuned=self.tuned_networks)
+        return self._tuned_attrs
+
+    def tuned_features(self, chips: np.ndarray, precision: str = "fp32") -> dict[str, np.ndarray]:
+        """The feature sets of the tuned attribute networks on ``chips`` (the ones heads read)."""
+        from pipeline.attributes import FEATURE_NETWORK
+
+        nets = self.tuned_attributes(precision)
+        if nets is None:
+            return {}
+        with self._lock:   # one forward at a time: the networks are shared by the bundle's threads
+            feats = nets.run(np.asarray(chips)).features
+        return {k: v for k, v in feats.items() if FEATURE_NETWORK[k] in self.tuned_networks}
 
     def inputs(self, embeddings: np.ndarray, features: dict[str, np.ndarray] | None = None
                ) -> dict[str, np.ndarray]:
@@ -530,11 +614,16 @@ class ModelBundle:
         """Head outputs per task: probabilities (classification) or (value, b) (regression).
         ``features``: attribute features by name, needed for ``feature_sets``."""
         torch = self._torch
+        # HeadEmbeddings carry the tuned attribute networks' features: every head reads them
+        # except a prefer_builtin one, which is the base network's output layer
+        carried = getattr(embeddings, "features", None) or {}
         xs = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in self.inputs(embeddings, features).items()}
+        tuned = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in carried.items()}
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             for s in self.specs:
-                y = self._heads[s.name](xs[s.features])
+                x = xs[s.features] if s.prefer_builtin or s.features not in tuned else tuned[s.features]
+                y = self._heads[s.name](x)
                 if s.kind == CLASSIFICATION:
                     out[s.name] = torch.softmax(y, dim=1).numpy()
                 else:
@@ -551,7 +640,7 @@ class ModelBundle:
         photo_ids = np.asarray(photo_ids).reshape(-1)
         if len(photo_ids) != len(emb):
             raise ValueError(f"{len(emb)} embeddings but {len(photo_ids)} photo ids")
-        raw = self.raw(emb, features)
+        raw = self.raw(embeddings, features)
         preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for s in self.specs:
             r = raw[s.name]
@@ -580,6 +669,18 @@ class ModelBundle:
             idx = np.where(acceptable[np.arange(n), best], best, -1)
         score = np.where(idx >= 0, probs[np.arange(n), np.maximum(idx, 0)], probs.max(1) if n else 0)
         return idx, score.astype(np.float32)
+
+
+class HeadEmbeddings(np.ndarray):
+    """Identity embeddings that carry the features of a bundle's tuned attribute networks
+    (``ModelBundle.head_embeddings``); a plain array everywhere else."""
+
+    features: dict[str, np.ndarray] | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        f = getattr(obj, "features", None)   # kept by views of the same rows only (not slices)
+        n = self.shape[0] if self.ndim else -1
+        self.features = f if f and all(len(v) == n for v in f.values()) else None
 
 
 def regression_scale(values: np.ndarray) -> tuple[float, float]:

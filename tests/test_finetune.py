@@ -48,7 +48,7 @@ def test_last_stage_changes_and_the_bundle_carries_it(tuned_bundle, tmp_path):
     print("METRIC finetune:", {k: v for k, v in ft.items() if k != "history"}, "test", metrics["test"])
     assert 1 <= ft["epochs_run"] <= 3 and ft["best_epoch"] < ft["epochs_run"] and ft["frozen_test"]
     assert metrics["test"]["identity"]["accuracy"] >= 0.8, metrics["test"]
-    assert "fine-tuned (last)" in stdout
+    assert "fine-tuned (last: identity)" in stdout and "identity frozen vs tuned" in stdout
     # the backbone is part of the bundle: swap it for the base weights and the bundle refuses to load
     bundle = ModelBundle.load(str(out))
     assert bundle.tuned_backbone is not None and bundle.model_version == meta["model_version"]
@@ -147,9 +147,148 @@ def test_finetune_misuse_is_a_usage_error(ray_cluster, data_dir, tmp_path, capsy
                  "--names", str(names), "--finetune", "last"]) == 2
     err = capsys.readouterr().err.strip()
     assert "people layout" in err and len(err.splitlines()) == 1
-    assert main(["--data", str(data_dir / "identities"), "--output", str(tmp_path / "m"), "--finetune", "all",
-                 "--features", "age"]) == 2
-    assert "--features identity" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["--data", "x", "--output", "y", "--finetune", "some"])
     assert exc.value.code == 2
+
+
+EMOTION_PER = 8   # FER2013 photos per emotion the emotion-tuned bundle trains on
+
+
+@pytest.fixture(scope="module")
+def emotion_tuned(ray_cluster, data_dir, tmp_path_factory):
+    """Heads on the emotion network's features (``--features emotion``), ``--finetune last``:
+    (bundle folder, outcome, held-out photos).  ``keep_tuned``: ship the tuned model even if
+    it loses on this tiny validation set (what is checked here is which network is tuned
+    and that scoring runs it; keeping the better one is test_training's starved set)."""
+    from pipeline.attributes import EMOTION_LABELS
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import train
+
+    fer = data_dir / "attributes" / "fer2013"
+    root = tmp_path_factory.mktemp("emotion-train")
+    held = tmp_path_factory.mktemp("emotion-held")
+    for e in EMOTION_LABELS:
+        files = sorted((fer / e).glob("*.jpg"))
+        (root / e).mkdir()
+        for f in files[:EMOTION_PER]:
+            (root / e / f.name).symlink_to(f)
+        for f in files[EMOTION_PER:EMOTION_PER + 2]:
+            (held / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("emotion-bundle")
+    cfg = TrainConfig(workers=1, epochs=4, patience=2, features="emotion", finetune="last", finetune_epochs=2,
+                      keep_tuned=True, prefer_builtin=False)
+    outcome = train(str(root), str(out), "folders", "emotion", cfg,
+                    cache_uri=str(tmp_path_factory.mktemp("emotion-cache")), report=False)
+    return out, outcome, held
+
+
+def test_heads_on_emotion_features_tune_the_emotion_network(emotion_tuned, tmp_path):
+    """The frozen fit's heads read the emotion network: fine-tuning trains that network's last
+    stage (the identity backbone is not touched and not in the bundle), the bundle carries
+    ``emotion.pt`` with its hash in model_version, and the scoring job labels with it."""
+    from jobs.score_directory import main as score
+    from pipeline.attributes import AttributeNets, load_networks
+    from pipeline.heads import ModelBundle
+    from pipeline.settings import Settings
+
+    out, outcome, held = emotion_tuned
+    meta = json.loads((out / "model.json").read_text())
+    spec = meta["tasks"][0]
+    assert spec["features"] in ("emotion", "emotion_taps") and not spec.get("prefer_builtin")
+    assert not (out / "backbone.pt").exists() and (out / "emotion.pt").exists()
+    entry = meta["finetune"]["networks"]["emotion"]
+    assert entry["weights_sha256"] == hashlib.sha256((out / "emotion.pt").read_bytes()).hexdigest()
+    assert outcome.metrics["finetune"]["networks"] == ["emotion"]
+    base = load_networks()["emotion"].state_dict()
+    tuned = torch.load(io.BytesIO((out / "emotion.pt").read_bytes()), weights_only=True)
+    assert set(base) == set(tuned)
+    last = [k for k in base if k.startswith("blocks.3.")]
+    kept = [k for k in base if not k.startswith("blocks.3.")]
+    assert all(torch.equal(base[k], tuned[k]) for k in kept)            # last: the rest untouched
+    assert all(not torch.equal(base[k], tuned[k]) for k in last) and last
+    # a changed emotion.pt is refused: its hash is part of the bundle
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    buf = io.BytesIO()
+    torch.save(base, buf)
+    (forged / "emotion.pt").write_bytes(buf.getvalue())
+    from pipeline.contract import ModelFileError
+
+    with pytest.raises(ModelFileError, match="emotion.pt changed"):
+        ModelBundle.load(str(forged))
+
+    # scoring: the bundle's emotion is its heads on the TUNED network's features
+    assert score(["--input", str(held), "--output", str(tmp_path / "t"), "--model", str(out)]) == 0
+    t = pads.dataset(str(tmp_path / "t"), format="parquet").to_table()
+    ok = t.filter(pads.field("face_index").is_valid()).sort_by([("image_uri", "ascending"), ("face_index", "ascending")])
+    bundle = ModelBundle.load(str(out))
+    chips = _chips(held, ok)
+    settings = Settings()
+    emb = np.asarray(ok.column("embedding").to_pylist(), np.float32)
+    base_feats = AttributeNets(precision=settings.precision).run(chips).features
+    ids = np.arange(len(chips))
+    want, want_score = bundle.predict(bundle.head_embeddings(chips, emb, settings.precision), ids, base_feats)["emotion"]
+    assert ok.column("emotion").to_pylist() == list(want)
+    np.testing.assert_allclose(ok.column("emotion_score").to_numpy(), want_score, atol=0.01)
+    frozen = bundle.raw(emb, base_feats)["emotion"]          # the same heads on the base network
+    tuned_raw = bundle.raw(bundle.head_embeddings(chips, emb, settings.precision), base_feats)["emotion"]
+    assert np.abs(frozen - tuned_raw).max() > 1e-3           # so the tuned network is what scored
+    print("METRIC emotion-tuned:", {k: v for k, v in outcome.metrics["finetune"].items() if k != "history"})
+
+    # over HTTP: the endpoint (serve/config.yaml, as deployed) answers the same labels
+    _http_labels_match(str(out), str(tmp_path / "t"), held, ok, list(want))
+
+
+def _http_labels_match(model: str, table: str, held, ok, want: list[str]) -> None:
+    """Deploy serve/config.yaml with ``model`` behind Serve's proxy on a free loopback port,
+    POST each held-out photo, compare the faces' emotion with ``want``; Serve is shut down
+    after (its replicas would hold the cores a later training needs)."""
+    import os
+    import socket
+    from pathlib import Path
+
+    import httpx
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve" / "config.yaml").read_text())
+        (app,) = cfg["applications"]
+        app["args"] = {"token": "t"}
+        for d in app["deployments"]:
+            if d["name"] == "FacePipeline":
+                d["user_config"]["model_uri"] = model
+            if d["name"] == "Predictions":
+                d["user_config"]["table_uri"] = table
+        serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}),
+                                                       _blocking=True)
+        got: list[str] = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"authorization": "Bearer t"}) as http:
+            for uri in dict.fromkeys(ok.column("image_uri").to_pylist()):
+                body = http.post("/v1/faces", content=(held / os.path.basename(uri)).read_bytes()).json()
+                got += [f["predictions"]["emotion"]["label"] for f in body["faces"]]
+        assert got == want
+    finally:
+        serve.shutdown()
+
+
+def _chips(folder, rows) -> np.ndarray:
+    """The chips of the table's faces, cut again by the shared CPU stage."""
+    import os
+
+    from pipeline.faces import FaceDetector
+    from pipeline.photos import analyse_photo
+    from pipeline.settings import Settings
+
+    settings = Settings()
+    detector = FaceDetector.from_settings(settings)
+    return np.concatenate([analyse_photo((folder / os.path.basename(u)).read_bytes(), detector,
+                                         settings.max_pixels).chips[[i]]
+                           for u, i in zip(rows.column("image_uri").to_pylist(), rows.column("face_index").to_pylist())])

@@ -318,3 +318,26 @@ def test_partial_label_matches_are_named():
     assert match_task("identity", "classification", ["happy", "sad"], open_set=True) is None
     assert match_task("height", "regression", []) is None
     assert match_task("gender", "classification", ["0", "1"]) is None
+
+
+def test_open_set_calibration_spends_the_known_rejection_budget():
+    """Known validation faces rejected: the budget (--target-frr), not a fraction of it, with
+    stand-in strangers or real ones; a larger budget rejects at least as many strangers."""
+    from pipeline.heads import budget_curve, calibrate_with_strangers
+
+    x, y, _ = _clusters(k=6, per=60, noise=0.45)
+    cents = class_centroids(x, y, 6)
+    logits = torch.from_numpy(x @ cents.T * 12)
+    probs = torch.softmax(logits, 1).numpy()
+    n = len(y)
+    for target in (0.02, 0.05, 0.1):
+        c = calibrate_open_set(probs, x, y, cents, target)
+        assert target - 1.5 / n <= c.val_known_reject <= target + 1e-9, (target, c)
+    xs, _, _ = _clusters(k=6, per=30, noise=1.2)   # the same centres, far noisier: strangers that overlap
+    s_probs = torch.softmax(torch.from_numpy(xs @ cents.T * 12), 1).numpy()
+    c = calibrate_with_strangers(probs, x, y, cents, s_probs, xs, 0.05)
+    assert 0.05 - 1.5 / n <= c.val_known_reject <= 0.05 + 1e-9, c
+    curve = budget_curve(probs, x, y, cents, s_probs, xs)
+    rejected = [r["strangers_rejected"] for r in curve]
+    assert rejected[-1] > rejected[0] and 0 < rejected[0] < 1, rejected
+    assert all(r["known_rejected"] <= r["budget"] + 1e-9 for r in curve)

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline import reports
+from pipeline.training.report import fit, stats, tasks, write_report
 from pipeline.contract import CLASSIFICATION, REGRESSION, UNKNOWN
 from pipeline.heads import TaskSpec
 
@@ -17,11 +17,11 @@ from pipeline.heads import TaskSpec
 
 
 def test_wilson_interval_known_values_and_edges():
-    lo, hi = reports.wilson(8, 10)
+    lo, hi = stats.wilson(8, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)   # textbook Wilson 95 % for 8/10
-    assert reports.wilson(0, 20)[0] == 0.0 and 0 < reports.wilson(0, 20)[1] < 0.2
-    assert reports.wilson(20, 20)[1] == 1.0 and 0.8 < reports.wilson(20, 20)[0] < 1.0
-    assert all(np.isnan(reports.wilson(0, 0)))
+    assert stats.wilson(0, 20)[0] == 0.0 and 0 < stats.wilson(0, 20)[1] < 0.2
+    assert stats.wilson(20, 20)[1] == 1.0 and 0.8 < stats.wilson(20, 20)[0] < 1.0
+    assert all(np.isnan(stats.wilson(0, 0)))
 
 
 def test_bootstrap_mae_is_seeded_and_contains_the_mae():
@@ -29,20 +29,20 @@ def test_bootstrap_mae_is_seeded_and_contains_the_mae():
     true = rng.uniform(0, 80, 60)
     pred = true + rng.normal(0, 8, 60)
     mae = float(np.abs(pred - true).mean())
-    lo, hi = reports.bootstrap_mae(true, pred)
+    lo, hi = stats.bootstrap_mae(true, pred)
     assert lo < mae < hi and hi - lo < mae
-    assert reports.bootstrap_mae(true, pred) == (lo, hi)
+    assert stats.bootstrap_mae(true, pred) == (lo, hi)
 
 
 def test_baselines():
-    b = reports.classification_baselines(3, np.array([0, 1, 1, 1, 2, -1]), np.array([1, 1, 0, 2]))
+    b = stats.classification_baselines(3, np.array([0, 1, 1, 1, 2, -1]), np.array([1, 1, 0, 2]))
     assert b["chance"] == pytest.approx(1 / 3) and b["majority_class"] == 1 and b["majority"] == 0.5
     spec = TaskSpec("age", REGRESSION, mean=30.0, std=10.0)
-    assert reports.regression_baseline(spec, np.array([20.0, 40.0]))["mae"] == 10.0
+    assert stats.regression_baseline(spec, np.array([20.0, 40.0]))["mae"] == 10.0
 
 
 def test_roc_points_run_from_nothing_to_everything_accepted():
-    far, tar = reports.roc_points(np.array([0.1, 0.2, np.inf]), np.array([0.3, 0.4, np.inf, np.inf]))
+    far, tar = stats.roc_points(np.array([0.1, 0.2, np.inf]), np.array([0.3, 0.4, np.inf, np.inf]))
     assert (far[0], tar[0]) == (0.0, 0.0) and (far[-1], tar[-1]) == (1.0, 1.0)
     assert np.all(np.diff(far) >= 0) and np.all(np.diff(tar) >= 0)
     at = np.searchsorted(far, 0.0, side="right") - 1
@@ -56,7 +56,7 @@ def test_validation_rows_pick_each_candidates_best_epoch_and_mark_the_chosen():
                 "val_gender@mlp+age_loss": l2, "val_gender@mlp+age_acc": a2}
                for e, (l1, a1, l2, a2) in enumerate([(0.6, 0.7, 0.5, 0.8), (0.4, 0.8, 0.55, 0.79),
                                                       (0.45, 0.81, 0.6, 0.7)])]
-    rows = reports.validation_rows(spec, history, {"variant": "linear", "best_epoch": 1})
+    rows = fit.validation_rows(spec, history, {"variant": "linear", "best_epoch": 1})
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"linear", "mlp+age"}
     assert by["linear"]["chosen"] and by["linear"]["epoch"] == 1 and by["linear"]["metric"] == 0.8
@@ -92,7 +92,7 @@ def small_identity(ray_cluster, data_dir, tmp_path_factory):
                     TrainConfig(workers=1, epochs=12, patience=12, val_frac=0.2, test_frac=0.25),
                     cache_uri=str(root / "cache"), unknown_uri=str(root / "unknown"), report=False,
                     log=lambda *_: None)
-    uri = reports.write_report(str(out), outcome, Settings(), log=lambda *_: None)
+    uri = write_report(str(out), outcome, Settings(), log=lambda *_: None)
     return outcome, (out / "report.html").read_text(), uri
 
 
@@ -120,9 +120,9 @@ def test_report_numbers_are_sane(small_identity):
     ev = outcome.evaluation
     (spec,) = ev.specs
     d = ev.test["identity"]
-    rows = reports.validation_rows(spec, ev.history, outcome.metrics["selection"]["identity"])
+    rows = fit.validation_rows(spec, ev.history, outcome.metrics["selection"]["identity"])
     assert sum(r["chosen"] for r in rows) == 1 and len(rows) >= 2
-    h = reports.headline(spec, d, ev.train_counts["identity"], rows)
+    h = tasks.headline(spec, d, ev.train_counts["identity"], rows)
     print("METRIC report small identity:", {k: v for k, v in h.items() if k != "baseline"}, h["baseline"])
     lo, hi = h["accuracy_ci"]
     assert lo <= h["accuracy"] <= hi and hi - lo < 0.5
@@ -139,5 +139,5 @@ def test_report_numbers_are_sane(small_identity):
     assert len(s.label) > 20 and s.dist is not None and len(s.dist) == len(s.label)
     assert np.array_equal(np.isfinite(s.dist) & (s.dist <= spec.max_dist), s.label != UNKNOWN)
     assert (s.label == UNKNOWN).mean() >= 0.7
-    far, tar = reports.roc_points(d.dist, s.dist)
+    far, tar = stats.roc_points(d.dist, s.dist)
     assert np.trapezoid(tar, far) > 0.8

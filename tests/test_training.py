@@ -276,7 +276,7 @@ def test_a_starved_set_ships_the_builtin_answer_and_scores_like_it(ray_cluster, 
     out = tmp_path / "bundle"
     stdout = train_job(["--data", str(train), "--task", "emotion", "--output", str(out), "--workers", "1",
                         "--epochs", "6", "--patience", "3", "--val-frac", "0.2", "--test-frac", "0.2",
-                        "--cache", embedding_cache, "--no-report"])
+                        "--cache", embedding_cache])
     meta = json.loads((out / "model.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     spec = meta["tasks"][0]
@@ -287,6 +287,10 @@ def test_a_starved_set_ships_the_builtin_answer_and_scores_like_it(ray_cluster, 
     rec = metrics["builtin"]["emotion"]
     assert rec["shipped"] == "builtin" and rec["val"]["builtin"]["faces"] == 7
     assert "ships the BUILT-IN answer (prefer_builtin)" in stdout and "validation faces" in stdout
+    page = (out / "report.html").read_text()
+    for needle in ("built-in networks", "all 7 labels matched", "trained vs built-in", "built-in (prefer_builtin)",
+                   "paired 95 % CI", "did not beat the built-in emotion network"):
+        assert needle in page, needle
 
     assert score(["--input", str(held), "--output", str(tmp_path / "with"), "--model", str(out)]) == 0
     assert score(["--input", str(held), "--output", str(tmp_path / "without")]) == 0

@@ -1,7 +1,8 @@
 """From the fit to a bundle in memory: the head kept per task (best on validation), class
 centroids from the training faces, and open-set thresholds calibrated on validation faces
-so that at most ``target_frr`` of known faces are rejected (and, when faces of strangers are
-at hand, so that as many of them as possible are)."""
+so that ``target_frr`` of known faces are rejected — the budget spent, not left unused —
+and, when faces of strangers are at hand, as many of them as possible; with what other
+budgets would buy (``heads.budget_curve``), for the report."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.contract import CLASSIFICATION
-from pipeline.heads import (ModelBundle, TaskSpec, calibrate_open_set, calibrate_with_strangers, class_centroids,
-                            split_variant)
+from pipeline.heads import (ModelBundle, TaskSpec, budget_curve, calibrate_open_set, calibrate_with_strangers,
+                            class_centroids, split_variant)
 from pipeline.training.split import Encoded
 
 
@@ -55,5 +56,7 @@ def calibrate(specs: list[TaskSpec], heads_state: dict[str, Any], train: Encoded
                 c = calibrate_open_set(raw_val[s.name][m], val.x[m], val.y[s.name][m], centroids[s.name],
                                        target_frr)
                 s.min_prob, s.max_dist = round(c.min_prob, 6), round(c.max_dist, 6)
-            calib[s.name] = asdict(c)
+            calib[s.name] = {**asdict(c), "target_frr": target_frr,
+                             "budgets": budget_curve(raw_val[s.name][m], val.x[m], val.y[s.name][m], centroids[s.name],
+                                                     raw_str.get(s.name), strangers.x if use_strangers else None)}
     return ModelBundle.in_memory(specs, heads_state, centroids), centroids, calib

@@ -18,8 +18,8 @@ from pipeline.training.split import Encoded
 
 def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, ClassificationResult | RegressionResult]]:
     """Metrics per task and the per-face results behind them."""
-    preds = bundle.predict(part.x, np.arange(len(part.x)), part.features)
-    raw = bundle.raw(part.x, part.features)
+    preds = bundle.predict(part.head_x(), np.arange(len(part.x)), part.features)
+    raw = bundle.raw(part.head_x(), part.features)
     metrics: dict[str, dict] = {}
     results: dict[str, ClassificationResult | RegressionResult] = {}
     for s in bundle.specs:
@@ -52,7 +52,7 @@ def evaluate(bundle: ModelBundle, part: Encoded) -> tuple[dict, dict[str, Classi
 def stranger_metrics(bundle: ModelBundle, uri: str, settings: Settings, cache_uri: str | None,
                      flip_tta: bool, log: Callable[[str], None]) -> tuple[dict, dict[str, StrangerResult]]:
     """Share of faces of people outside the training set that come out ``unknown``."""
-    tuned = bundle.tuned_backbone is not None   # a fine-tuned bundle embeds the chips with its own backbone
+    tuned = bundle.tuned_backbone is not None or bool(bundle.tuned_networks)  # it runs its own networks on the chips
     emb, _ = embed_labelled(storage.list_images(uri), uri, settings, cache_uri, flip_tta, log,
                             tuple(bundle.feature_sets), chips=tuned)
     ok = emb.filter(pc.is_valid(emb.column("main_face")))

@@ -1,16 +1,18 @@
-"""``--finetune last|all``: the identity backbone trained together with the heads, on the
-main face chips (cached with the embeddings), step 2 of the two-step recipe.
+"""``--finetune last|all``: the networks the chosen heads read — the identity backbone,
+an attribute network (age, gender, emotion), or both — trained together with the heads, on
+the main face chips (cached with the embeddings), step 2 of the two-step recipe.
 
-Step 1 is the frozen-feature fit (``ddp.fit``): it picks each task's head and starts it
-well, so the new heads' random gradients never reach the pretrained network.  Step 2
-(here) trains the chosen heads and the backbone's last stage (``last``: the 256-channel
-blocks and the projection, ``backbone.LAST_STAGE``) or all of it (``all``) with Ray Train
-DDP: per-sample augmentation (torchvision ``transforms.v2``) on the worker's device, a
-smaller learning rate for the pretrained weights than for the heads, bf16 autocast and
-NCCL on CUDA (gloo, fp32 on CPU), a checkpoint per epoch and ``FailureConfig`` resume.
-The epoch kept is the one with the best mean validation criterion over the tasks (one
-backbone serves every task).  Only the identity embedding is tuned: heads on attribute
-features stay a frozen-feature choice (``--features identity`` with fine-tuning).
+Step 1 is the frozen-feature fit (``ddp.fit``): it picks each task's head and its input,
+and starts it well, so the new heads' random gradients never reach the pretrained
+networks.  Step 2 (here) trains the chosen heads and the last stage of each network they
+read (``last``: the backbone's 256-channel blocks and projection, ``backbone.LAST_STAGE``;
+an attribute network's ``attributes.last_stage``) or all of it (``all``) with Ray Train
+DDP: per-sample augmentation (torchvision ``transforms.v2``) of the chip on the worker's
+device, each network resampling its own input from it as at inference, a smaller learning
+rate for the pretrained weights than for the heads, bf16 autocast and NCCL on CUDA (gloo,
+fp32 on CPU), a checkpoint per epoch and ``FailureConfig`` resume.  The epoch kept is the
+one with the best mean validation criterion over the tasks; ``run._fine_tune`` then keeps
+the tuned model only when it beats the frozen one on validation.
 """
 from __future__ import annotations
 
@@ -35,35 +37,47 @@ HEAD_LR_FACTOR = 10.0      # heads learn at 10× the backbone's rate (discrimina
 
 
 def check_flags(mode: str, layout: str, features: str) -> None:
-    """Usage errors for a ``--finetune`` this layout or these features cannot serve."""
+    """Usage errors for a ``--finetune`` this layout cannot serve (``features``: any set the
+    heads may read is tunable)."""
     if mode not in MODES:
         raise UsageError(f"--finetune {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "none":
         return
-    if layout == "people":
-        raise UsageError("--finetune needs the faces' chips, and the people layout brings only embeddings "
-                         "from its table: train --layout people with --finetune none, or fine-tune on labelled photos")
-    if features.strip().lower() not in ("auto", IDENTITY):
-        raise UsageError(f"--finetune {mode} tunes the identity backbone: heads read its embedding, so "
-                         f"--features {features!r} cannot be served; use --features identity (or auto)")
+    if layout in ("people", "labels"):
+        raise UsageError(f"--finetune needs the faces' chips, and the {layout} layout brings only embeddings "
+                         f"from its table: train --layout {layout} with --finetune none, or fine-tune on labelled "
+                         "photos")
 
 
 class TunedNet(torch.nn.Module):
-    """Chips → the backbone's unit embedding → the heads; the frozen trunk runs without
-    gradients (``last``), so it costs a forward pass only."""
+    """Chips → what the heads read, from the networks being tuned → the heads.
 
-    def __init__(self, backbone: torch.nn.Module, heads: MultiHead, mode: str) -> None:
+    ``backbone`` (the identity network, or None when no head reads the embedding) gives the
+    unit embedding; ``attributes`` (network name → module) give their feature sets
+    (``attributes.network_features``).  With ``last`` only each network's last stage
+    trains; its frozen part runs without gradients, so it costs a forward pass only."""
+
+    def __init__(self, backbone: torch.nn.Module | None, heads: MultiHead, mode: str,
+                 attributes: dict[str, torch.nn.Module] | None = None) -> None:
         super().__init__()
+        from pipeline.attributes import last_stage
         from pipeline.backbone import LAST_STAGE
 
         self.backbone, self.heads = backbone, heads
+        self.attributes = torch.nn.ModuleDict(attributes or {})
         self.split = LAST_STAGE if mode == "last" else 0
-        for p in self.backbone.parameters():
-            p.requires_grad_(True)
-        if self.split:
-            for m in (self.backbone.stem, self.backbone.blocks[:self.split]):
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        for net in [*([backbone] if backbone is not None else []), *self.attributes.values()]:
+            for p in net.parameters():
+                p.requires_grad_(mode == "all")
+        if mode == "last":
+            if backbone is not None:
+                for m in (backbone.blocks[LAST_STAGE:], backbone.fc):
+                    for p in m.parameters():
+                        p.requires_grad_(True)
+            for task, net in self.attributes.items():
+                for m in last_stage(task, net):
+                    for p in m.parameters():
+                        p.requires_grad_(True)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Network input (``embed.net_input``) → unit embeddings, as ``Embedder`` makes them."""
@@ -71,12 +85,24 @@ class TunedNet(torch.nn.Module):
             h = self.backbone.trunk(x, self.split)
         return F.normalize(self.backbone.tail(h, self.split).float(), dim=1)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.heads({IDENTITY: self.embed(x)})
+    def forward(self, chips: torch.Tensor) -> dict[str, torch.Tensor]:
+        """float N×3×S×S chips (0..255, augmented) → every head's output."""
+        from pipeline.attributes import AttributeNets, network_features, resample
+        from pipeline.backbone import DLIB_RESNET
+        from pipeline.embed import net_input
+
+        xs: dict[str, torch.Tensor] = {}
+        if self.backbone is not None:
+            xs[IDENTITY] = self.embed(net_input(chips.permute(0, 2, 3, 1), DLIB_RESNET.geometry.net_input))
+        for task, net in self.attributes.items():
+            inp = resample(chips, AttributeNets.inputs[task]).contiguous(memory_format=torch.channels_last)
+            xs.update({k: v.float() for k, v in network_features(task, net, inp).items()})
+        return self.heads(xs)
 
     def backbone_groups(self) -> tuple[list, list]:
-        """(trainable backbone parameters, head parameters): two learning rates."""
-        return [p for p in self.backbone.parameters() if p.requires_grad], list(self.heads.parameters())
+        """(trainable network parameters, head parameters): two learning rates."""
+        nets = [*([self.backbone] if self.backbone is not None else []), *self.attributes.values()]
+        return [p for n in nets for p in n.parameters() if p.requires_grad], list(self.heads.parameters())
 
 
 def augmenter():
@@ -90,14 +116,12 @@ def augmenter():
 
 
 def _inputs(chips: torch.Tensor, device: torch.device, aug=None) -> torch.Tensor:
-    """uint8 N×S×S×3 → network input on ``device``, each face augmented when ``aug``."""
-    from pipeline.backbone import DLIB_RESNET
-    from pipeline.embed import net_input
-
+    """uint8 N×S×S×3 → float N×3×S×S chips on ``device`` (0..255), each face augmented
+    when ``aug``; every tuned network resamples its own input from them."""
     x = chips.to(device, non_blocking=True).permute(0, 3, 1, 2)
     if aug is not None:
         x = torch.stack([aug(c) for c in x])
-    return net_input(x.permute(0, 2, 3, 1), DLIB_RESNET.geometry.net_input)
+    return x.float()
 
 
 def _autocast(device: torch.device):
@@ -123,7 +147,14 @@ def finetune_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     heads = MultiHead(specs, variants)
     heads.heads.load_state_dict(config["heads_init"])
-    model = TunedNet(load_backbone(config["weights"])[0].train(), heads, config["mode"])
+    attrs = {}
+    if config["networks"]:
+        from pipeline.attributes import load_networks
+
+        nets = load_networks(config.get("cache_dir"))
+        attrs = {k: nets[k].train() for k in config["networks"]}
+    backbone = load_backbone(config["weights"])[0].train() if config["identity"] else None
+    model = TunedNet(backbone, heads, config["mode"], attrs)
     ddp = ray.train.torch.prepare_model(model)
     net = ddp.module if hasattr(ddp, "module") else ddp
     back, head = net.backbone_groups()
@@ -197,13 +228,24 @@ def _evaluate(net: TunedNet, chips: torch.Tensor, device: torch.device, batch: i
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
+def networks_read(specs: list[TaskSpec]) -> tuple[bool, list[str]]:
+    """(whether some head reads the identity embedding, the attribute networks heads read)."""
+    from pipeline.attributes import FEATURE_NETWORK
+
+    return (any(s.features == IDENTITY for s in specs),
+            sorted({FEATURE_NETWORK[s.features] for s in specs if s.features != IDENTITY}))
+
+
 def finetune(train: Encoded, val: Encoded, specs: list[TaskSpec], heads_init: dict[str, dict[str, torch.Tensor]],
              cfg: TrainConfig, weights: str | None, storage_uri: str,
-             log: Callable[[str], None] = print) -> tuple[bytes, dict[str, torch.Tensor], list[dict], dict]:
+             log: Callable[[str], None] = print, cache_dir: str | None = None
+             ) -> tuple[dict[str, bytes], dict[str, torch.Tensor], list[dict], dict]:
     """Step 2: ``heads_init`` (``task@variant`` → the frozen fit's best head state, one
-    variant per task) and the base backbone trained on the chips.  Returns the backbone's
-    state dict as bytes (what ``backbone.load_backbone`` reads), the heads' state keyed
-    ``task.<param>`` (as ``select_heads`` gives), the history and the last metrics."""
+    variant per task) and the networks those heads read (the identity backbone, attribute
+    networks: ``networks_read``) trained on the chips.  Returns each tuned network's state
+    dict as bytes keyed ``identity`` (what ``backbone.load_backbone`` reads) or by network
+    name (what ``AttributeNets(tuned=)`` reads), the heads' state keyed ``task.<param>``
+    (as ``select_heads`` gives), the history and the last metrics."""
     import ray
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
@@ -216,7 +258,9 @@ def finetune(train: Encoded, val: Encoded, specs: list[TaskSpec], heads_init: di
     cols = {"chip": ArrowTensorArray.from_numpy(train.chips)}
     cols.update({f"y_{k}": pa.array(v) for k, v in train.y.items()})
     ds = ray.data.from_arrow(pa.table(cols))
+    identity, networks = networks_read(specs)
     config = {"specs": [s.to_json() for s in specs], "variants": variants, "mode": cfg.finetune,
+              "identity": identity, "networks": networks, "cache_dir": cache_dir,
               "heads_init": {f"{k}.{n}": v for k, st in heads_init.items() for n, v in st.items()},
               "weights": weights, "seed": cfg.seed, "lr": cfg.finetune_lr, "weight_decay": cfg.weight_decay,
               "class_weights": _class_weights(train, specs), "task_weights": cfg.task_weights,
@@ -225,16 +269,19 @@ def finetune(train: Encoded, val: Encoded, specs: list[TaskSpec], heads_init: di
               "val_chips": val.chips, "val_y": val.y}
     st, last = run_trainer(finetune_loop, config, ds, cfg, cfg.finetune_epochs, storage_uri,
                            run_name(config, train, val, "finetune", ("val_chips", "val_y", "heads_init", "progress")),
-                           f"fine-tuning ({cfg.finetune}) {sorted(heads_init)} on {len(train.chips)} train / "
-                           f"{len(val.chips)} val chips", "finetune", log)
+                           f"fine-tuning ({cfg.finetune}) {', '.join((['identity'] if identity else []) + networks)} "
+                           f"with {sorted(heads_init)} on {len(train.chips)} train / {len(val.chips)} val chips",
+                           "finetune", log)
     state = st["best"]["state"]
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    buf = io.BytesIO()
-    torch.save(backbone, buf)
+    tuned = {}
+    for name, prefix in [*([("identity", "backbone.")] if identity else []), *((n, f"attributes.{n}.") for n in networks)]:
+        buf = io.BytesIO()
+        torch.save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, buf)
+        tuned[name] = buf.getvalue()
     heads = {}
     for k, v in state.items():
         if k.startswith("heads.heads."):
             task_variant, param = k[len("heads.heads."):].split(".", 1)
             heads[f"{task_variant.split('@')[0]}.{param}"] = v
-    return buf.getvalue(), heads, st["history"], last | {"best_epoch": st["best"]["epoch"]}
+    return tuned, heads, st["history"], last | {"best_epoch": st["best"]["epoch"]}
 

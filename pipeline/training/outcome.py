@@ -97,6 +97,13 @@ class TrainOutcome:
             out.append(tuned_line(task, rec))
         for task, why in ft.get("not_tuned", {}).items():
             out.append(f"{task} not tuned: {why}")
+        for task, c in self.metrics.get("open_set", {}).items():
+            if "target_frr" in c:
+                buys = ", ".join(f"{b['budget']:.1%} → {b['strangers_rejected']:.1%}" for b in c.get("budgets", []))
+                who = "strangers" if any(b.get("real_strangers") for b in c.get("budgets", [])) else "stand-in strangers"
+                out.append(f"open set {task}: known faces rejected {c['val_known_reject']:.1%} of validation (budget "
+                           f"--target-frr {c['target_frr']:.1%}), {who} rejected {c['est_unknown_reject']:.1%}; "
+                           f"what a budget buys ({who} rejected): {buys}")
         for task, v in self.metrics.get("strangers", {}).items():
             pct = lambda r: "n/a" if r is None else f"{r:.1%}"  # noqa: E731
             out.append(f"open set {task}: known rejected {pct(v['val']['known_rejected'])} val / "

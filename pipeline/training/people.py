@@ -53,8 +53,15 @@ class NamedPeople:
     stranger_people: int        # unnamed person ids
     stranger_faces: int         # their faces (before any sampling)
     missing: int                # faces of the people table without an embedding in the source
+    names_source: str | None = None   # labels layout: the log (named_people counts names, strangers photos)
 
     def lines(self, names_uri: str) -> list[str]:
+        if self.names_source:
+            used = {p: int((self.strangers.split == p).sum()) for p in ("val", "test")}
+            return [f"named faces:   {self.table.num_rows} faces named {self.named_people} ways in {self.names_source}",
+                    f"embeddings:    read from {self.source_table} (none computed)",
+                    f"strangers:     {self.stranger_faces} unnamed faces in {self.stranger_people} photos "
+                    f"(used: {used['val']} validation, {used['test']} test)"]
         names = len(pc.unique(self.table.column(self.task)))
         used = {p: int((self.strangers.split == p).sum()) for p in ("val", "test")}
         return [f"named people:  {self.named_people} person ids named {names} ways in {names_uri}: "
@@ -65,12 +72,17 @@ class NamedPeople:
                 f"(used: {used['val']} validation, {used['test']} test)"]
 
 
-def check_flags(layout: str, names_uri: str | None) -> None:
-    """``--names`` goes with ``--layout people`` and only with it."""
+def check_flags(layout: str, names_uri: str | None, labels_uri: str | None = None) -> None:
+    """``--names`` goes with ``--layout people`` and only with it; ``--layout labels`` needs
+    ``--labels``, which otherwise goes only with ``--layout people`` (its names appended)."""
     if layout == "people" and not names_uri:
         raise NamingError("--layout people needs --names CSV (columns person,name)")
     if names_uri and layout != "people":
         raise NamingError(f"--names is for --layout people (got --layout {layout})")
+    if layout == "labels" and not labels_uri:
+        raise NamingError("--layout labels needs --labels URI (the labels log naming the table's faces)")
+    if labels_uri and layout not in ("people", "labels"):
+        raise NamingError(f"--labels is for --layout labels or people (got --layout {layout})")
 
 
 def read_names(names_uri: str) -> pa.Table:
@@ -186,6 +198,78 @@ def split_strangers(person: pa.Array, seed: int, val_share: float = STRANGER_VAL
         if len(idx) > cap:
             part[rng.choice(idx, len(idx) - cap, replace=False)] = ""
     return part
+
+
+def read_named(layout: str, data_uri: str, names_uri: str | None, labels_uri: str | None, task: str = "identity",
+               seed: int = 0, log: Callable[[str], None] = print) -> NamedPeople:
+    """The ``people`` layout (``--names`` CSV; its names appended to ``--labels`` when given)
+    or the ``labels`` layout (named faces of the labels log in a prediction table)."""
+    if layout == "labels":
+        return read_labelled_faces(data_uri, labels_uri or "", task, seed, log)
+    named = read_named_people(data_uri, names_uri or "", task, seed, log)
+    if labels_uri:
+        append_names(named, labels_uri, names_uri or "", task, log)
+    return named
+
+
+def append_names(named: NamedPeople, labels_uri: str, names_uri: str, task: str, log: Callable[[str], None]) -> None:
+    """``--layout people --labels L``: the CSV's names as ``name`` rows of the log, one per
+    face (so they survive re-clustering)."""
+    from pipeline import labels
+
+    t = named.table
+    rows = [labels.decisions(labels.NAME, n, zip(g.image_uri, g.face_index), author="train_classifier",
+                             source=names_uri.rsplit("/", 1)[-1] or "names.csv")
+            for n, g in t.to_pandas().groupby(task)]
+    path = labels.append(labels_uri, pa.concat_tables(rows))
+    log(f"labels log:    {t.num_rows} faces named in {labels_uri} ({path})")
+
+
+def read_labelled_faces(table_uri: str, labels_uri: str, task: str = "identity", seed: int = 0,
+                        log: Callable[[str], None] = print) -> NamedPeople:
+    """The ``labels`` layout: every face the labels log names now (``labels.replay``) is an
+    example of ``task`` with its embedding from the prediction table; the table's unnamed
+    faces are the strangers (split by photo) for the open-set calibration."""
+    from pipeline import labels
+    from pipeline.people import read_faces
+
+    state = labels.load(labels_uri)
+    if state.named.empty:
+        raise NamingError(f"--labels {labels_uri}: no named faces (name some first: --names, the review page, XMP)")
+    try:
+        faces = read_faces(table_uri)
+    except PeopleError as exc:
+        raise NamingError(f"--data {table_uri}: {exc}") from None
+    keys = pa.table({"image_uri": faces.image_uri.cast(pa.string()), "face_index": pa.array(faces.face_index),
+                     "row": pa.array(np.arange(len(faces), dtype=np.int64))})
+    named = pa.table({"image_uri": pa.array(state.named.image_uri.astype(object), pa.string()),
+                      "face_index": pa.array(state.named.face_index.to_numpy(np.int32), pa.int32()),
+                      task: pa.array(state.named.name.astype(object), pa.string())})
+    j = named.join(keys, keys=KEYS, join_type="left outer")
+    lost = j.filter(pc.is_null(j.column("row")))
+    if lost.num_rows:
+        u, i = lost.column("image_uri")[0].as_py(), lost.column("face_index")[0].as_py()
+        raise NamingError(f"--labels {labels_uri}: {lost.num_rows} named face(s) not in {table_uri} with an "
+                          f"embedding (e.g. {u} face {i}): the log belongs to another table?")
+    j = j.sort_by("row")
+    if len(pc.unique(j.column(task))) < 2:
+        raise NamingError(f"--labels {labels_uri} names {len(pc.unique(j.column(task)))} name(s): "
+                          "an identity model needs at least 2")
+    rows = j.column("row").to_numpy()
+    stranger = np.ones(len(faces), bool)
+    stranger[rows] = False
+    s_rows = np.flatnonzero(stranger)
+    photos = faces.image_uri.take(pa.array(s_rows))
+    part = split_strangers(photos, seed) if len(s_rows) else np.array([], object)
+    used = part != ""
+    strangers = Encoded(faces.embedding[s_rows[used]], {task: np.full(int(used.sum()), -1, np.int64)}, part[used],
+                        pc.filter(photos, pa.array(used)).to_pylist(), faces.face_index[s_rows[used]])
+    table = j.select(["image_uri", "face_index", task])
+    log(f"named faces:   {table.num_rows} faces named {len(pc.unique(table.column(task)))} ways in {labels_uri}; "
+        f"embeddings read from {table_uri} (none computed); strangers: {len(s_rows)} unnamed faces")
+    return NamedPeople(task, table, faces.embedding[rows], faces.face_index[rows], strangers, table_uri,
+                       len(pc.unique(table.column(task))), len(pc.unique(photos)) if len(s_rows) else 0,
+                       len(s_rows), 0, names_source=labels_uri)
 
 
 def read_named_people(people_uri: str, names_uri: str, task: str = "identity", seed: int = 0,

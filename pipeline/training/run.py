@@ -99,19 +99,20 @@ def _from_photos(data_uri: str, layout: str, task: str | None, settings: Setting
 
 
 def _from_people(people_uri: str, names_uri: str, task: str | None, seed: int,
-                 log: Callable[[str], None]) -> Examples:
-    """Named people: their faces' embeddings read from the source table, strangers beside."""
-    from pipeline.training.people import read_named_people
+                 log: Callable[[str], None], layout: str = "people", labels_uri: str | None = None) -> Examples:
+    """Named people (or, layout labels, the labels log's named faces of a table): their faces'
+    embeddings read from the table, strangers beside (pipeline/training/people.py)."""
+    from pipeline.training.people import read_named
 
     name = task or "identity"
-    named = read_named_people(people_uri, names_uri, name, seed, log)
+    named = read_named(layout, people_uri, names_uri, labels_uri, name, seed, log)
     lines = named.lines(names_uri)
     log("\n".join(lines))
     n_photos = len(pc.unique(named.table.column("image_uri")))
     return Examples(named.table, [(name, CLASSIFICATION)], named.x, n_photos, named.table.num_rows,
                     embed_info={"embedded": 0, "source_table": named.source_table},
                     face_index=named.face_index, strangers=named.strangers, data_lines=lines,
-                    data={"names": names_uri, "source_table": named.source_table},
+                    data={"names": names_uri or None, "labels": labels_uri, "source_table": named.source_table},
                     metrics={"people": {"named_people": named.named_people, "faces": named.table.num_rows,
                                         "photos": n_photos, "stranger_people": named.stranger_people,
                                         "stranger_faces": named.stranger_faces,
@@ -121,7 +122,8 @@ def _from_people(people_uri: str, names_uri: str, task: str | None, seed: int,
 def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | None = None,
           cfg: TrainConfig | None = None, settings: Settings | None = None, cache_uri: str | None = None,
           unknown_uri: str | None = None, report: bool = True, keep_checkpoints: bool = False,
-          log: Callable[[str], None] = print, names_uri: str | None = None) -> TrainOutcome:
+          log: Callable[[str], None] = print, names_uri: str | None = None,
+          labels_uri: str | None = None) -> TrainOutcome:
     """The whole training job; misuse raises ``UsageError`` before the fit where it can.
 
     ``layout`` people: ``data_uri`` is a cluster_faces.py output and ``names_uri`` its
@@ -132,7 +134,7 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     cfg = cfg or TrainConfig()
     settings = settings or Settings()
     started = time.monotonic()
-    check_flags(layout, names_uri)
+    check_flags(layout, names_uri, labels_uri)
     finetune.check_flags(cfg.finetune, layout, cfg.features)
     check_cluster(cfg)
     storage.check_writable(output_uri)
@@ -140,9 +142,9 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
         from pipeline.training.split import parse_features
 
         parse_features(cfg.features)   # a bad --features answers before the embedding pass
-    if layout == "people":
-        cfg = replace(cfg, features="identity")   # the people layout brings embeddings only
-        ex = _from_people(data_uri, names_uri or "", task, cfg.seed, log)
+    if layout in ("people", "labels"):
+        cfg = replace(cfg, features="identity")   # the people and labels layouts bring embeddings only
+        ex = _from_people(data_uri, names_uri or "", task, cfg.seed, log, layout, labels_uri)
     else:
         ex = _from_photos(data_uri, layout, task, settings, cache_uri, cfg, log)
     labelled = ex.table
@@ -163,19 +165,25 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     best, history, last = fit(tr, va, specs, cfg, f"{output_uri.rstrip('/')}/checkpoints", log, init=init)
     fit_seconds = time.monotonic() - t_fit
     heads_state, chosen = select_heads(specs, best)
-    heads_state, versus = versus_builtin(specs, heads_state, chosen, matches, init, va, te)
-    for name, rec in versus.items():
-        log(builtin_line(name, rec))
-    tuned, tuning = None, {}
+    tuned_weights: dict[str, bytes] = {}
+    tuning: dict[str, Any] = {}
     if cfg.finetune != "none":
-        tuned, heads_state, tuning, enc = _fine_tune(enc, specs, best, chosen, heads_state, cfg, settings,
-                                                     output_uri, log)
+        tuned_weights, heads_state, tuning, enc = _fine_tune(enc, specs, best, chosen, heads_state, cfg, settings,
+                                                             output_uri, log)
         tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
         fit_seconds = time.monotonic() - t_fit
+    # the model kept so far (frozen or tuned) against the built-in networks, on the same faces
+    heads_state, versus = versus_builtin(specs, heads_state, chosen, matches, init, va, te, bool(tuned_weights),
+                                         swap=cfg.prefer_builtin)
+    for name, rec in versus.items():
+        log(builtin_line(name, rec))
+    tuned_weights = _read_networks(tuned_weights, specs, log)
     s_val = ex.strangers.part("val") if ex.strangers is not None else None
     bundle, centroids, calib = calibrate(specs, heads_state, tr, va, cfg.target_frr, s_val)
-    if tuned is not None:  # what scoring will run: the heads on the tuned backbone's embeddings
-        bundle = ModelBundle.in_memory(specs, heads_state, centroids, tuned)
+    tuned = tuned_weights.get("identity")
+    networks = {k: v for k, v in tuned_weights.items() if k != "identity"}
+    if tuned_weights:  # what scoring will run: the heads on the tuned networks' outputs
+        bundle = ModelBundle.in_memory(specs, heads_state, centroids, tuned, networks)
     test_metrics, results = evaluate(bundle, te if len(te.x) else va)
     evaluation = Evaluation(specs, results, {s.name: tr.y[s.name] for s in specs}, history)
     metrics: dict[str, Any] = {
@@ -201,12 +209,12 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
              "backbone": {**backbone_info(settings), "precision": embedding_precision(settings)},
              "data": {"uri": data_uri, "layout": layout, **ex.data},
              "training": asdict(cfg),
-             **({"finetune": {"mode": cfg.finetune, "best_epoch": tuning["best_epoch"]}} if tuned is not None else {}),
+             **({"finetune": {"mode": cfg.finetune, "best_epoch": tuning["best_epoch"]}} if tuned_weights else {}),
              **({"prefer_builtin": sorted(k for k, r in versus.items() if r["shipped"] == "builtin")}
                 if versus else {}),
              "metrics": {"test": test_metrics, "open_set": calib, "heads": metrics["heads"],
                          **({"strangers": metrics["strangers"]} if "strangers" in metrics else {})}}
-    meta = ModelBundle.write(output_uri, specs, heads_state, centroids, extra, backbone=tuned)
+    meta = ModelBundle.write(output_uri, specs, heads_state, centroids, extra, backbone=tuned, networks=networks)
     metrics["model_version"] = meta["model_version"]
     fs, out_path = storage.resolve(output_uri)
     with fs.open_output_stream(f"{out_path}/metrics.json") as f:
@@ -214,7 +222,7 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
     outcome = TrainOutcome(output_uri, meta, metrics, ex.photos, ex.faces, ex.no_face, ex.errors, ex.skipped,
                            ex.embed_info, fit_seconds, evaluation, data_lines=ex.data_lines)
     if report:
-        from pipeline.reports import write_report
+        from pipeline.training.report import write_report
 
         outcome.report_uri = write_report(output_uri, outcome, settings, log)
     if not keep_checkpoints:
@@ -228,53 +236,66 @@ def train(data_uri: str, output_uri: str, layout: str = "folders", task: str | N
 
 def _fine_tune(enc: Encoded, specs: list, best: dict, chosen: dict, heads_state: dict, cfg: TrainConfig,
                settings: Settings, output_uri: str, log: Callable[[str], None]
-               ) -> tuple[bytes | None, dict, dict[str, Any], Encoded]:
-    """Step 2 of the recipe: the backbone tuned with the chosen heads that read it (heads on
-    an attribute network's features keep their frozen fit: tuning those networks is not
-    built), every example embedded again by the tuned backbone through ``Embedder`` (the
-    network and pixels scoring will use), and the tuned model kept only when it beats the
-    frozen one on validation (``versus.frozen_vs_tuned``): a worse tuned model never ships."""
+               ) -> tuple[dict[str, bytes], dict, dict[str, Any], Encoded]:
+    """Step 2 of the recipe: the networks the chosen heads read (the identity backbone, an
+    attribute network, or both) tuned with those heads; every example's inputs made again
+    by the tuned networks through ``Embedder`` / ``AttributeNets`` (the networks and pixels
+    scoring will use); and the tuned model kept only when it beats the frozen one on
+    validation (``versus.frozen_vs_tuned``): a worse tuned model never ships.  Returns the
+    tuned weights by network (``identity`` or an attribute name; empty: the frozen fit
+    ships), the heads' state, what happened, and the examples as the bundle sees them."""
+    from pipeline.attributes import AttributeNets
     from pipeline.embed import Embedder
-    from pipeline.heads import IDENTITY
-    from pipeline.training.finetune import finetune
+    from pipeline.training.finetune import finetune, networks_read
     from pipeline.training.versus import frozen_vs_tuned, tuned_line
 
     tr, va, te = enc.part("train"), enc.part("val"), enc.part("test")
     frozen, _, _ = calibrate(specs, heads_state, tr, va, cfg.target_frr)
     frozen_test, _ = evaluate(frozen, te if len(te.x) else va)
-    reading = [s for s in specs if s.features == IDENTITY]
-    others = {s.name: s.features for s in specs if s.features != IDENTITY}
+    identity, networks = networks_read(specs)
     info: dict[str, Any] = {"mode": cfg.finetune, "frozen_test": frozen_test,
-                            "not_tuned": {k: f"its head reads the {f} features (tuning that network is not built)"
-                                          for k, f in others.items()}}
-    for k, why in info["not_tuned"].items():
-        log(f"--finetune {cfg.finetune}: {k} not tuned: {why}")
-    if not reading:
-        log(f"--finetune {cfg.finetune}: no chosen head reads the identity embedding; the frozen fit ships")
-        return None, heads_state, info | {"kept": "frozen", "epochs_run": 0, "best_epoch": -1, "seconds": 0.0}, enc
+                            "networks": (["identity"] if identity else []) + networks}
     init = {f"{s.name}@{chosen[s.name]['variant']}": best[f"{s.name}@{chosen[s.name]['variant']}"]["state"]
-            for s in reading}
+            for s in specs}
     t0 = time.monotonic()
-    backbone, heads, history, last = finetune(tr, va, reading, init, cfg, settings.weights,
-                                              f"{output_uri.rstrip('/')}/checkpoints", log)
+    weights, heads, history, last = finetune(tr, va, specs, init, cfg, settings.weights,
+                                             f"{output_uri.rstrip('/')}/checkpoints", log, settings.cache_dir)
     seconds = time.monotonic() - t0
-    x = Embedder(backbone, precision=settings.precision)(enc.chips)
-    tuned_enc = replace(enc, x=x)
-    tuned_state = {**{k: v for k, v in heads_state.items() if k.split(".", 1)[0] in others}, **heads}
+    x = Embedder(weights["identity"], precision=settings.precision)(enc.chips) if identity else enc.x
+    tuned_nets = {k: v for k, v in weights.items() if k != "identity"}
+    if tuned_nets:   # the tuned networks' feature sets ride beside the base ones (Encoded.head_x)
+        from pipeline.attributes import FEATURE_NETWORK
+
+        out = AttributeNets(precision=settings.precision, cache_dir=settings.cache_dir, tuned=tuned_nets).run(enc.chips)
+        tuned_feats = {k: out.features[k] for k in enc.features if FEATURE_NETWORK[k] in tuned_nets}
+    else:
+        tuned_feats = {}
+    tuned_enc = replace(enc, x=x, tuned=tuned_feats)
     ttr, tva, tte = tuned_enc.part("train"), tuned_enc.part("val"), tuned_enc.part("test")
-    tuned_bundle, _, _ = calibrate(reading, heads, ttr, tva, cfg.target_frr)
-    frozen_reading, _, _ = calibrate(reading, {k: v for k, v in heads_state.items()
-                                               if k.split(".", 1)[0] not in others}, tr, va, cfg.target_frr)
-    keep, records = frozen_vs_tuned(reading, frozen_reading, tuned_bundle, va, tva, te, tte)
+    tuned_bundle, _, _ = calibrate(specs, heads, ttr, tva, cfg.target_frr)
+    keep, records = frozen_vs_tuned(specs, frozen, tuned_bundle, va, tva, te, tte, force=cfg.keep_tuned)
     info.update({"epochs_run": len(history), "best_epoch": last["best_epoch"], "seconds": round(seconds, 1),
                  "history": history, "versus_frozen": records, "kept": "tuned" if keep else "frozen",
                  "chips_per_s_per_worker": float(np.median([h["rows_per_s_per_worker"] for h in history]))})
-    log(f"fine-tuned ({cfg.finetune}) in {seconds:.1f} s, best epoch {last['best_epoch'] + 1} of {len(history)}")
+    log(f"fine-tuned ({cfg.finetune}: {', '.join(info['networks'])}) in {seconds:.1f} s, "
+        f"best epoch {last['best_epoch'] + 1} of {len(history)}")
     for name, rec in records.items():
         log(tuned_line(name, rec))
     if not keep:
-        return None, heads_state, info, enc
-    return backbone, tuned_state, info, tuned_enc
+        return {}, heads_state, info, enc
+    return weights, heads, info, tuned_enc
+
+
+def _read_networks(weights: dict[str, bytes], specs: list, log: Callable[[str], None]) -> dict[str, bytes]:
+    """The tuned networks some shipped head reads (a prefer_builtin head reads the base
+    network: a network tuned for it alone is left out of the bundle)."""
+    from pipeline.attributes import FEATURE_NETWORK
+    from pipeline.heads import IDENTITY
+
+    read = {IDENTITY if s.features == IDENTITY else FEATURE_NETWORK[s.features] for s in specs if not s.prefer_builtin}
+    for k in sorted(set(weights) - read):
+        log(f"tuned {k} network left out of the bundle: no shipped head reads it")
+    return {k: v for k, v in weights.items() if k in read}
 
 
 def _json_default(o: Any) -> Any:

@@ -60,6 +60,7 @@ class Encoded:
     faces: np.ndarray | None = None
     features: dict[str, np.ndarray] = field(default_factory=dict)
     chips: np.ndarray | None = None     # N×S×S×3 uint8 main chips (fine-tuning only)
+    tuned: dict[str, np.ndarray] = field(default_factory=dict)   # feature sets of tuned attribute networks
 
     def part(self, name: str) -> "Encoded":
         m = self.split == name
@@ -67,7 +68,20 @@ class Encoded:
                        [u for u, keep in zip(self.uris, m) if keep],
                        self.faces[m] if self.faces is not None else None,
                        {k: v[m] for k, v in self.features.items()},
-                       self.chips[m] if self.chips is not None else None)
+                       self.chips[m] if self.chips is not None else None,
+                       {k: v[m] for k, v in self.tuned.items()})
+
+    def head_x(self) -> np.ndarray:
+        """The embeddings as a bundle's heads read them: carrying the tuned networks'
+        features (``heads.HeadEmbeddings``) when some were tuned; ``features`` stay the base
+        networks' (a ``prefer_builtin`` head reads those)."""
+        if not self.tuned:
+            return self.x
+        from pipeline.heads import HeadEmbeddings
+
+        out = np.asarray(self.x, np.float32).view(HeadEmbeddings)
+        out.features = dict(self.tuned)
+        return out
 
 
 def parse_features(text: str) -> tuple[str, ...]:

@@ -64,6 +64,15 @@ def per_face(spec: TaskSpec, raw: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs(raw[m, 0] - y[m]).astype(float)
 
 
+def _loss(spec: TaskSpec, raw: np.ndarray, y: np.ndarray) -> float:
+    """Mean validation loss: cross-entropy of the true class, or MAE / target std."""
+    if spec.kind == CLASSIFICATION:
+        m = y >= 0
+        return float(-np.log(np.clip(raw[m, y[m]], 1e-12, 1)).mean()) if m.any() else 0.0
+    m = np.isfinite(y)
+    return float(np.abs(raw[m, 0] - y[m]).mean() / max(spec.std, 1e-6)) if m.any() else 0.0
+
+
 def figure(spec: TaskSpec, v: np.ndarray) -> dict[str, Any]:
     """The figure of per-face values and its interval."""
     if spec.kind == CLASSIFICATION:
@@ -89,22 +98,25 @@ def _compare(spec: TaskSpec, a: np.ndarray, b: np.ndarray, names: tuple[str, str
 
 
 def _raws(specs: list[TaskSpec], state: dict[str, Any], part: Encoded) -> dict[str, np.ndarray]:
-    return ModelBundle.in_memory(specs, state, {}).raw(part.x, part.features) if len(part.x) else {}
+    return ModelBundle.in_memory(specs, state, {}).raw(part.head_x(), part.features) if len(part.x) else {}
 
 
 def versus_builtin(specs: list[TaskSpec], heads_state: dict[str, Any], chosen: dict[str, dict],
-                   matches: dict[str, BuiltinMatch], init: dict[str, dict], val: Encoded, test: Encoded
-                   ) -> tuple[dict[str, Any], dict[str, dict]]:
+                   matches: dict[str, BuiltinMatch], init: dict[str, dict], val: Encoded, test: Encoded,
+                   tuned: bool = False, swap: bool = True) -> tuple[dict[str, Any], dict[str, dict]]:
     """Trained vs built-in per task a built-in answers (complete matches), on validation
     (the decision) and test (for the report).  A task that loses — or whose fit kept the
-    untouched output layer — gets the output layer as its head, ``spec.prefer_builtin`` set.
+    untouched output layer — gets the output layer as its head, ``spec.prefer_builtin`` set
+    (it reads the base network's features even where that network was tuned for others).
+    ``tuned``: the heads are a fine-tuning's (the parts carry its features, ``head_x``);
+    ``swap`` False: measured and recorded, nothing swapped (``TrainConfig.prefer_builtin``).
     Returns the heads' state (changed where the built-in ships) and a record per task."""
     records: dict[str, dict] = {}
     mine = [s for s in specs if s.name in matches and matches[s.name].complete and not s.open_set]
     if not mine:
         return heads_state, records
     trained_specs = [replace(s) for s in mine]
-    builtin_specs = [replace(s, head=BUILTIN, features=matches[s.name].features) for s in mine]
+    builtin_specs = [replace(s, head=BUILTIN, features=matches[s.name].features, prefer_builtin=True) for s in mine]
     builtin_state = {f"{s.name}.{n}": p for s in mine for n, p in init[f"{s.name}@{matches[s.name].variant}"].items()}
     trained_state = {k: v for k, v in heads_state.items() if k.split(".", 1)[0] in {s.name for s in mine}}
     parts = {"val": val, "test": test}
@@ -119,9 +131,9 @@ def versus_builtin(specs: list[TaskSpec], heads_state: dict[str, Any], chosen: d
             if len(p.x):
                 faces[k] = (per_face(sb, raw_b[k][s.name], p.y[s.name]), per_face(s, raw_t[k][s.name], p.y[s.name]))
                 rec[k] = _compare(s, *faces[k], ("builtin", "trained"))
-        untouched = chosen[s.name]["head"] == BUILTIN and chosen[s.name]["best_epoch"] == -1
+        untouched = not tuned and chosen[s.name]["head"] == BUILTIN and chosen[s.name]["best_epoch"] == -1
         wins = "val" in rec and beyond_chance(s, rec["val"]["difference"])
-        if untouched or not wins:
+        if (untouched or not wins) and swap:
             rec["shipped"] = "builtin"
             rec["why"] = ("the untouched output layer had the lowest validation loss of every head tried"
                           if untouched else f"the trained head did not beat the built-in {m.network} network on "
@@ -133,20 +145,24 @@ def versus_builtin(specs: list[TaskSpec], heads_state: dict[str, Any], chosen: d
             s.head, s.features, s.prefer_builtin = BUILTIN, m.features, True
         else:
             rec["shipped"] = "trained"
-            rec["why"] = f"the trained head beat the built-in {m.network} network on validation beyond chance"
+            rec["why"] = (f"the trained head beat the built-in {m.network} network on validation beyond chance"
+                          if wins or untouched else "kept as asked (prefer_builtin off), though it did not beat "
+                          f"the built-in {m.network} network on validation beyond chance")
         records[s.name] = rec
     return out, records
 
 
 def frozen_vs_tuned(specs: list[TaskSpec], frozen: ModelBundle, tuned: ModelBundle, frozen_val: Encoded,
-                    tuned_val: Encoded, frozen_test: Encoded, tuned_test: Encoded) -> tuple[bool, dict[str, dict]]:
+                    tuned_val: Encoded, frozen_test: Encoded, tuned_test: Encoded,
+                    force: bool = False) -> tuple[bool, dict[str, dict]]:
     """Whether the tuned model is kept (its mean relative validation error — 1 − accuracy,
-    or MAE / target std — is lower than the frozen one's) and a record per tuned task."""
-    records, err_f, err_t = {}, [], []
+    or MAE / target std — is lower than the frozen one's; on a tie, its mean validation
+    loss is) and a record per tuned task."""
+    records, err_f, err_t, loss_f, loss_t = {}, [], [], [], []
     for k, (fp, tp) in {"val": (frozen_val, tuned_val), "test": (frozen_test, tuned_test)}.items():
         if not len(fp.x):
             continue
-        rf, rt = frozen.raw(fp.x, fp.features), tuned.raw(tp.x, tp.features)
+        rf, rt = frozen.raw(fp.head_x(), fp.features), tuned.raw(tp.head_x(), tp.features)
         for s in specs:
             a, b = per_face(s, rf[s.name], fp.y[s.name]), per_face(s, rt[s.name], tp.y[s.name])
             records.setdefault(s.name, {"metric": "accuracy" if s.kind == CLASSIFICATION else "mae"})[k] = \
@@ -155,9 +171,15 @@ def frozen_vs_tuned(specs: list[TaskSpec], frozen: ModelBundle, tuned: ModelBund
                 scale = 1.0 if s.kind == CLASSIFICATION else max(s.std, 1e-6)
                 err_f.append((1 - a.mean()) if s.kind == CLASSIFICATION else a.mean() / scale)
                 err_t.append((1 - b.mean()) if s.kind == CLASSIFICATION else b.mean() / scale)
-    keep = bool(err_t) and float(np.mean(err_t)) < float(np.mean(err_f))
+                loss_f.append(_loss(s, rf[s.name], fp.y[s.name]))
+                loss_t.append(_loss(s, rt[s.name], tp.y[s.name]))
+    ef, et = float(np.mean(err_f)) if err_f else 0.0, float(np.mean(err_t)) if err_t else 0.0
+    wins = bool(err_t) and (et < ef - 1e-9 or (abs(et - ef) <= 1e-9 and np.mean(loss_t) < np.mean(loss_f)))
+    keep = wins or force
     for rec in records.values():
         rec["shipped"] = "tuned" if keep else "frozen"
+        if force and not wins:
+            rec["forced"] = True     # TrainConfig.keep_tuned: measured, though it lost
     return keep, records
 
 
@@ -187,4 +209,5 @@ def tuned_line(task: str, rec: dict[str, Any]) -> str:
     v, mt = rec.get("val"), rec["metric"]
     figures = (f"frozen {_fmt(mt, v['frozen'])} vs tuned {_fmt(mt, v['tuned'])} on validation "
                f"(tuned − frozen {_diff(mt, v['difference'])})") if v else "no validation faces"
-    return f"{task} frozen vs tuned: {figures}; ships the {rec['shipped'].upper()} model"
+    return (f"{task} frozen vs tuned: {figures}; ships the {rec['shipped'].upper()} model"
+            + (" (kept as asked, though it lost)" if rec.get("forced") else ""))
