@@ -69,12 +69,14 @@ def scored(ray_cluster, data_dir, tmp_path_factory):
 
 
 @pytest.fixture()
-def photos(scored):
-    """The scored folder with no sidecar in it (each test writes its own)."""
+def photos(scored, data_dir):
+    """The scored folder with no sidecar in it (each test writes its own); the PNG a test
+    embeds XMP in is put back as it was."""
     folder, _ = scored
     for f in folder.rglob("*.xmp"):
         f.unlink()
-    return folder
+    yield folder
+    shutil.copy(data_dir / "fr_examples" / "misc" / "alex-lacamoire.png", folder / "portraits" / "alex-lacamoire.png")
 
 
 def faces_of(table: str) -> pd.DataFrame:
@@ -379,3 +381,26 @@ def test_a_face_takes_its_persons_name(scored, photos, tmp_path, capsys):
     assert "2 named" in text
     info = read_back(out / f"{ROTATED}.xmp")
     assert [r.get("Name") for r in info["RegionInfo"]["RegionList"]][int(rot.face_index.iloc[0])] == "Анна & Co"
+
+
+def test_regions_of_a_photo_not_in_the_table_are_listed_in_pixels(scored, photos, data_dir, tmp_path, capsys):
+    from jobs import import_xmp
+
+    _, table = scored
+    extra = photos / "extra"
+    extra.mkdir()
+    try:
+        shutil.copy(data_dir / "fr_examples" / "misc" / "obama-240p.jpg", extra / "new.jpg")
+        w, h = Image.open(extra / "new.jpg").size
+        exiftool("-q", "-overwrite_original", str(extra / "new.jpg"),       # embedded in the JPEG
+                 f"-XMP-mwg-rs:RegionInfo={{AppliedToDimensions={{W={w},H={h},Unit=pixel}},RegionList=["
+                 "{Area={X=0.5,Y=0.25,W=0.2,H=0.3,Unit=normalized},Name=Someone,Type=Face}]}")
+        log = tmp_path / "labels"
+        text = run(import_xmp.main, ["--photos", str(photos), "--table", table, "--labels", str(log)], capsys)
+        assert "photos with regions but not in the table: 1" in text and "names appended: 0" in text
+        un = pd.read_parquet(log / "_import_unmatched.parquet")
+        assert un.reason.tolist() == ["photo not in the table"] and un.form.tolist() == ["mwg"]
+        b = un.bbox.iloc[0]
+        assert np.allclose([b["x"], b["y"], b["w"], b["h"]], [0.4 * w, 0.1 * h, 0.2 * w, 0.3 * h], atol=0.5)
+    finally:
+        shutil.rmtree(extra)

@@ -182,8 +182,6 @@ def part_faces(fs: pafs.FileSystem, path: str, min_score: float | None, counts: 
 def export_part(part: str, table_uri: str, root: str, output: str | None, named: pa.Table,
                 min_score: float | None, overwrite: bool, board=None) -> dict:  # noqa: ANN001
     """Write the sidecars of one part file's photos; the counts, and malformed sidecars."""
-    import ray  # noqa: F401  (the board's remote calls)
-
     counts = dict.fromkeys(COUNTS, 0)
     malformed: list[str] = []
     fs, _ = storage.resolve(table_uri)

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.contract import UsageError
-from pipeline.xmp.read import Region, find_packet, orientation, packet_regions
+from pipeline.xmp.read import Region, find_packet, packet_regions, photo_header
 from pipeline.xmp.regions import Box, iou_matrix, match, to_oriented
 from pipeline.xmp.write import XmpError
 
@@ -38,6 +38,7 @@ REGION_SCHEMA = pa.schema([
     ("image_uri", pa.string()), ("source", pa.string()), ("form", pa.string()), ("name", pa.string()),
     ("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()),
     ("applied_w", pa.float64()), ("applied_h", pa.float64()), ("orientation", pa.int32()),
+    ("photo_w", pa.int32()), ("photo_h", pa.int32()),     # from the photo's header, after orientation
 ])
 UNMATCHED_SCHEMA = pa.schema([
     ("image_uri", pa.string()), ("source", pa.string()), ("form", pa.string()), ("name", pa.string()),
@@ -116,9 +117,10 @@ def _read_head(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read(JPEG_HEAD) if ext in (".jpg", ".jpeg", ".jpe", ".jfif") else f.read()
 
 
-def photo_regions(fs: pafs.FileSystem, image_uri: str, sidecars: list[str]) -> tuple[list[tuple[str, Region]], int, int | None, list[tuple[str, str]]]:
-    """(source, region) pairs of one photo, regions skipped, its EXIF orientation, and the
-    malformed sources (path, why)."""
+def photo_regions(fs: pafs.FileSystem, image_uri: str, sidecars: list[str]
+                  ) -> tuple[list[tuple[str, Region]], int, tuple, list[tuple[str, str]]]:
+    """(source, region) pairs of one photo, regions skipped, its header (orientation,
+    oriented width, height), and the malformed sources (path, why)."""
     path = storage.path_of(image_uri)
     malformed: list[tuple[str, str]] = []
     try:
@@ -126,7 +128,7 @@ def photo_regions(fs: pafs.FileSystem, image_uri: str, sidecars: list[str]) -> t
     except OSError as exc:
         malformed.append((image_uri, f"photo not readable: {exc}"))
         data = b""
-    rot = orientation(data) if data else None
+    head = photo_header(data) if data else (None, None, None)
     for sidecar in sidecars:
         try:
             with fs.open_input_stream(sidecar) as f:
@@ -135,15 +137,15 @@ def photo_regions(fs: pafs.FileSystem, image_uri: str, sidecars: list[str]) -> t
             malformed.append((sidecar, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             continue
         if regions or skipped:
-            return [(sidecar, r) for r in regions], skipped, rot, malformed
+            return [(sidecar, r) for r in regions], skipped, head, malformed
     packet = find_packet(data) if data else None
     if packet is not None:
         try:
             regions, skipped = packet_regions(packet)
-            return [("embedded", r) for r in regions], skipped, rot, malformed
+            return [("embedded", r) for r in regions], skipped, head, malformed
         except (XmpError, ValueError) as exc:
             malformed.append((f"{image_uri} (embedded XMP)", str(exc).splitlines()[0]))
-    return [], 0, rot, malformed
+    return [], 0, head, malformed
 
 
 def read_chunk(photos: list[tuple[str, list[str]]], board=None) -> dict:  # noqa: ANN001
@@ -154,13 +156,13 @@ def read_chunk(photos: list[tuple[str, list[str]]], board=None) -> dict:  # noqa
     for uri, sidecars in photos:
         if fs is None:
             fs, _ = storage.resolve(uri)
-        found, skipped, rot, bad = photo_regions(fs, uri, sidecars)
+        found, skipped, (rot, pw, ph), bad = photo_regions(fs, uri, sidecars)
         skipped_total += skipped
         malformed += bad
         for source, r in found:
             aw, ah = r.applied or (None, None)
             for k, v in zip(REGION_SCHEMA.names, (uri, source, r.form, r.name, r.box.x, r.box.y, r.box.w, r.box.h,
-                                                  aw, ah, rot)):
+                                                  aw, ah, rot, pw, ph)):
                 cols[k].append(v)
     if board is not None and photos:
         board.add.remote(hash(photos[0][0]), len(photos), len(cols["image_uri"]), {})
@@ -170,23 +172,26 @@ def read_chunk(photos: list[tuple[str, list[str]]], board=None) -> dict:  # noqa
 # ------------------------------------------------------------------ the driver
 
 
-def table_faces(table_uri: str, uris: list[str]) -> pd.DataFrame:
-    """The table's photo faces of ``uris``: image_uri, face_index, x, y, w, h, width, height."""
+def table_faces(table_uri: str, uris: list[str]) -> tuple[pd.DataFrame, set[str]]:
+    """The table's photo faces of ``uris`` (image_uri, face_index, x, y, w, h, width,
+    height), and which of ``uris`` the table has at all (with or without a face)."""
     import pyarrow.dataset as pads
 
     fs, files = storage.table_files(table_uri)
     if not files:
         raise XmpImportError(f"{table_uri}: no Parquet files (is it a score_directory.py output?)")
     ds = pads.dataset(files, filesystem=fs, format="parquet")
-    flt = pc.is_valid(pc.field("face_index")) & pc.field("image_uri").isin(uris)
+    flt = pc.field("image_uri").isin(uris)
     if "frame_index" in ds.schema.names:
         flt = flt & ~pc.is_valid(pc.field("frame_index"))
     t = ds.to_table(columns=["image_uri", "face_index", "bbox", "width", "height"], filter=flt)
+    present = set(t.column("image_uri").to_pylist())
+    t = t.filter(pc.is_valid(t.column("face_index")))
     df = t.select(["image_uri", "face_index", "width", "height"]).to_pandas()
     b = t.column("bbox").combine_chunks()
     for k in "xywh":
         df[k] = b.field(k).to_numpy(zero_copy_only=False).astype(np.float64)
-    return df
+    return df, present
 
 
 def _oriented_pixels(row, width: int, height: int) -> np.ndarray:  # noqa: ANN001
@@ -196,26 +201,31 @@ def _oriented_pixels(row, width: int, height: int) -> np.ndarray:  # noqa: ANN00
     return np.array(box.pixels(width, height))
 
 
-def match_regions(regions: pd.DataFrame, faces: pd.DataFrame, min_iou: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(matched: image_uri, face_index, name; unmatched: ``UNMATCHED_SCHEMA`` columns)."""
+def match_regions(regions: pd.DataFrame, faces: pd.DataFrame, present: set[str],
+                  min_iou: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(matched: image_uri, face_index, name; unmatched: ``UNMATCHED_SCHEMA`` columns, the
+    box in pixels of the oriented photo: the table's size, else the photo header's)."""
     matched, unmatched = [], []
     by_photo = {uri: g for uri, g in faces.groupby("image_uri", sort=False)}
     for uri, group in regions.groupby("image_uri", sort=False):
         photo = by_photo.get(uri)
-        if photo is None:
-            for r in group.itertuples():
-                unmatched.append((uri, r.source, r.form, r.name, (r.x, r.y, r.w, r.h), np.nan, "photo not in the table"))
-            continue
-        width, height = int(photo.width.iloc[0]), int(photo.height.iloc[0])
-        boxes = np.stack([_oriented_pixels(r, width, height) for r in group.itertuples()])
-        face_boxes = photo[["x", "y", "w", "h"]].to_numpy()
+        rows = list(group.itertuples())
+        if photo is not None:
+            width, height = int(photo.width.iloc[0]), int(photo.height.iloc[0])
+        else:
+            width, height = rows[0].photo_w, rows[0].photo_h
+        if pd.isna(width) or pd.isna(height):    # no size anywhere: the box stays normalised
+            width = height = 1
+        boxes = np.stack([_oriented_pixels(r, int(width), int(height)) for r in rows])
+        face_boxes = photo[["x", "y", "w", "h"]].to_numpy() if photo is not None else np.zeros((0, 4))
         pairs = {r: f for r, f, _ in match(boxes, face_boxes, min_iou)}
         best = iou_matrix(boxes, face_boxes).max(axis=1) if len(face_boxes) else np.zeros(len(boxes))
-        for i, r in enumerate(group.itertuples()):
+        reason = "no face found there" if uri in present else "photo not in the table"
+        for i, r in enumerate(rows):
             if i in pairs:
                 matched.append((uri, int(photo.face_index.iloc[pairs[i]]), r.name))
             else:
-                unmatched.append((uri, r.source, r.form, r.name, tuple(boxes[i]), float(best[i]), "no face found there"))
+                unmatched.append((uri, r.source, r.form, r.name, tuple(boxes[i]), float(best[i]), reason))
     return (pd.DataFrame(matched, columns=["image_uri", "face_index", "name"]),
             pd.DataFrame(unmatched, columns=["image_uri", "source", "form", "name", "bbox", "best_iou", "reason"]))
 
@@ -258,9 +268,9 @@ def import_regions(photos_uri: str, table_uri: str, labels_uri: str, min_iou: fl
     summary.regions = len(regions)
     summary.photos_with_regions = regions.image_uri.nunique()
     summary.by_form = dict(Counter(regions.form))
-    faces = table_faces(table_uri, sorted(set(regions.image_uri)))
-    summary.photos_not_in_table = len(set(regions.image_uri) - set(faces.image_uri))
-    matched, unmatched = match_regions(regions, faces, min_iou)
+    faces, present = table_faces(table_uri, sorted(set(regions.image_uri)))
+    summary.photos_not_in_table = len(set(regions.image_uri) - present)
+    matched, unmatched = match_regions(regions, faces, present, min_iou)
     summary.matched, summary.unmatched = len(matched), len(unmatched)
     summary.without_name = int(regions.name.isna().sum())
     rows = _name_rows(matched, state, summary)

@@ -15,8 +15,8 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from pipeline.xmp.namespaces import MP, MPREG, MPRI, MWG_RS, RDF, ST_AREA, ST_DIM, q
-from pipeline.xmp.regions import Box, from_centre
+from pipeline.xmp.namespaces import MP, MPREG, MPRI, MWG_RS, RDF, ST_AREA, ST_DIM, XML, q
+from pipeline.xmp.regions import SWAPS, Box, from_centre
 from pipeline.xmp.write import XmpError, parse, rdf_root
 
 CONTAINERS = {q(RDF, "Bag"), q(RDF, "Seq"), q(RDF, "Alt")}
@@ -34,8 +34,14 @@ class Region:
     applied: tuple[float, float] | None = None
 
 
+def _is_property(attr: str) -> bool:
+    """An attribute that is a property (not rdf:about, rdf:parseType, xml:lang…)."""
+    return not attr.startswith((f"{{{RDF}}}", f"{{{XML}}}"))
+
+
 def _struct(el: ET.Element) -> dict:
-    out: dict = {k: v for k, v in el.attrib.items() if not k.startswith(f"{{{RDF}}}") and not k.startswith("{http://www.w3.org/XML")}
+    """A struct's fields: its property attributes and its property elements."""
+    out: dict = {k: v for k, v in el.attrib.items() if _is_property(k)}
     for child in el:
         if child.tag == q(RDF, "Description"):
             out.update(_struct(child))
@@ -50,7 +56,7 @@ def _value(el: ET.Element):  # noqa: ANN202 - str, list or dict
     if el.get(q(RDF, "parseType")) == "Resource":
         return _struct(el)
     if not kids:
-        if any(not k.startswith(f"{{{RDF}}}") and not k.startswith("{http://www.w3.org/XML") for k in el.attrib):
+        if any(_is_property(k) for k in el.attrib):
             return _struct(el)
         return el.get(q(RDF, "resource"), el.text or "")
     if kids[0].tag in CONTAINERS:
@@ -168,11 +174,14 @@ def find_packet(data: bytes) -> bytes | None:
     return m.group(0) if m else None
 
 
-def orientation(data: bytes) -> int | None:
-    """The photo's EXIF orientation (1–8), or None when it has none or cannot be opened."""
+def photo_header(data: bytes) -> tuple[int | None, int | None, int | None]:
+    """(EXIF orientation 1–8 or None, width, height after orientation) from a photo's
+    header; (None, None, None) when Pillow cannot open it."""
     try:
         with _pillow().open(io.BytesIO(data)) as im:
             value = im.getexif().get(0x0112)
-        return int(value) if value else None
-    except Exception:  # noqa: BLE001 - no orientation is orientation 1
-        return None
+            w, h = im.size
+        rot = int(value) if value else None
+        return (rot, h, w) if rot in SWAPS else (rot, w, h)
+    except Exception:  # noqa: BLE001 - a photo without a readable header has no orientation
+        return None, None, None
