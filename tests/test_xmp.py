@@ -404,3 +404,22 @@ def test_regions_of_a_photo_not_in_the_table_are_listed_in_pixels(scored, photos
         assert np.allclose([b["x"], b["y"], b["w"], b["h"]], [0.4 * w, 0.1 * h, 0.2 * w, 0.3 * h], atol=0.5)
     finally:
         shutil.rmtree(extra)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "HEIF"])
+def test_embedded_packet_in_jpeg_webp_heic(fmt):
+    """The XMP packet inside a photo's bytes (Pillow's readers; pillow-heif for HEIC)."""
+    from pillow_heif import register_heif_opener
+
+    from pipeline.xmp.read import find_packet, packet_regions
+    from pipeline.xmp.write import FaceRegion, new_packet
+
+    register_heif_opener()
+    packet = new_packet(100, 80, [FaceRegion((10, 10, 20, 20), "王小明 & <x>")])
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 80), (200, 100, 50)).save(buf, fmt, xmp=packet)
+    regions, _ = packet_regions(find_packet(buf.getvalue()))
+    assert [r.name for r in regions] == ["王小明 & <x>"]
+    assert np.allclose([regions[0].box.x, regions[0].box.w], [0.1, 0.2])
+    # a file Pillow cannot open: the packet is found by scanning its bytes
+    assert find_packet(b"\x00garbage" + packet + b"tail") is not None
