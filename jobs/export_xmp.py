@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from pipeline.runtime import init_ray
-    from pipeline.xmp.export import export
+    from pipeline.xmp.export import export, prepare
 
+    plan = prepare(args.table, None if args.beside else args.output, args.people, args.labels)  # misuse: before Ray
     init_ray(args.ray_address, args.num_cpus, verbose=args.verbose, torch_first=False)
-    summary = export(args.table, None if args.beside else args.output, args.people, args.labels,
-                     args.min_score, args.overwrite, args.progress_every)
+    summary = export(plan, args.min_score, args.overwrite, args.progress_every)
     print("\n".join(["", "== faceray export_xmp summary", *summary.lines()]))
     return 0
 

@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from pipeline.runtime import init_ray
-    from pipeline.xmp.importing import import_regions
+    from pipeline.xmp.importing import import_regions, prepare
 
+    plan = prepare(args.photos, args.table, args.labels)  # misuse: before Ray starts
     init_ray(args.ray_address, args.num_cpus, verbose=args.verbose, torch_first=False)
-    summary = import_regions(args.photos, args.table, args.labels, args.min_iou, args.progress_every)
+    summary = import_regions(plan, args.min_iou, args.progress_every)
     print("\n".join(["", "== faceray import_xmp summary", *summary.lines()]))
     return 0
 

@@ -261,35 +261,52 @@ def _write_one(fs: pafs.FileSystem, target: str, width: int, height: int, region
 # ------------------------------------------------------------------ the driver
 
 
-def export(table_uri: str, output: str | None, people_uri: str | None = None, labels_uri: str | None = None,
-           min_score: float | None = None, overwrite: bool = False, progress_every: float | None = None,
-           log: Callable[[str], None] = print) -> ExportSummary:
-    """Every photo of ``table_uri`` with faces gets a sidecar under ``output`` (or beside
-    it, ``output`` None: local photos only)."""
-    import ray
+@dataclass
+class ExportPlan:
+    """What the driver works out before any task runs (every misuse found here, before Ray)."""
+    table: str
+    output: str | None
+    files: list[str]
+    photos: int
+    root: str
+    named: pa.Table
 
-    from pipeline import progress
 
-    started = time.monotonic()
-    fs, files = storage.table_files(table_uri)
+def prepare(table_uri: str, output: str | None, people_uri: str | None = None,
+            labels_uri: str | None = None) -> ExportPlan:
+    """The part files, the listing root and the named faces; an ``ExportError`` (or another
+    ``UsageError``) for a missing table, ``--beside`` on S3, an unwritable output, a bad log."""
+    _, files = storage.table_files(table_uri)
     if not files:
         raise ExportError(f"{table_uri}: no Parquet files (is it a score_directory.py output?)")
     keys = _face_keys(table_uri)
     photo_uris = pc.unique(keys.column("image_uri")).to_pylist()
     if output is None and any(storage.is_s3(u) for u in photo_uris[:1]):
         raise ExportError("--beside writes next to the photos of a local folder; these photos are on S3: use --output")
-    root = listing_root(photo_uris, summary_inputs(table_uri))
     if output is not None:
         storage.check_writable(output)
-    named = named_faces(keys, people_uri, labels_uri)
+    root = listing_root(photo_uris, summary_inputs(table_uri))
+    return ExportPlan(table_uri, output, files, len(photo_uris), root, named_faces(keys, people_uri, labels_uri))
+
+
+def export(plan: ExportPlan, min_score: float | None = None, overwrite: bool = False,
+           progress_every: float | None = None, log: Callable[[str], None] = print) -> ExportSummary:
+    """Every photo of the plan's table with faces gets a sidecar under its output (or beside
+    the photo, output None: local photos only): one Ray task per part file."""
+    import ray
+
+    from pipeline import progress
+
+    started = time.monotonic()
+    table_uri, output, files, named, root = plan.table, plan.output, plan.files, plan.named, plan.root
     where = output if output is not None else f"beside the photos under {root}"
     summary = ExportSummary(table_uri, where, root, parts=len(files))
-    log(f"export_xmp: {len(photo_uris):,} photos with faces in {len(files)} part file(s), "
+    log(f"export_xmp: {plan.photos:,} photos with faces in {len(files)} part file(s), "
         f"{named.num_rows:,} named faces; sidecars {('under ' + output) if output else where}")
     task = ray.remote(num_cpus=1, max_retries=2)(export_part)
     named_ref = ray.put(named)
     run_id = progress.new_run_id()
-    with progress.watch("export_xmp", run_id, "sidecars", len(photo_uris), progress_every, log) as w:
+    with progress.watch("export_xmp", run_id, "sidecars", plan.photos, progress_every, log) as w:
         refs = [task.remote(p, table_uri, root, output, named_ref, min_score, overwrite, w.board) for p in files]
         for ref in refs:
             res = ray.get(ref)

@@ -237,24 +237,45 @@ def _unmatched_table(df: pd.DataFrame) -> pa.Table:
                      "reason": df.reason.tolist()}, schema=UNMATCHED_SCHEMA)
 
 
-def import_regions(photos_uri: str, table_uri: str, labels_uri: str, min_iou: float = 0.5,
-                   progress_every: float | None = None, log: Callable[[str], None] = print) -> ImportSummary:
+@dataclass
+class ImportPlan:
+    """The photos with their sidecars and the log's state, worked out before Ray starts."""
+    photos: str
+    table: str
+    labels: str
+    todo: list[tuple[str, list[str]]]
+    sidecars: int
+    state: object       # labels.LabelState
+
+
+def prepare(photos_uri: str, table_uri: str, labels_uri: str) -> ImportPlan:
+    """The listing and the checks: no photos, a table without Parquet files or an unreadable
+    log is a ``UsageError`` here, before any work."""
+    from pipeline import labels
+
+    manifest = storage.list_images(photos_uri)
+    if manifest.num_rows == 0:
+        raise XmpImportError(f"no photos under {photos_uri}")
+    if not storage.table_files(table_uri)[1]:
+        raise XmpImportError(f"{table_uri}: no Parquet files (is it a score_directory.py output?)")
+    state = labels.load(labels_uri)
+    sidecars = list_sidecars(photos_uri)
+    todo = [(u, sidecars_of(storage.path_of(u), sidecars)) for u in manifest.column("image_uri").to_pylist()]
+    return ImportPlan(photos_uri, table_uri, labels_uri, todo, len(sidecars), state)
+
+
+def import_regions(plan: ImportPlan, min_iou: float = 0.5, progress_every: float | None = None,
+                   log: Callable[[str], None] = print) -> ImportSummary:
+    """Read every photo's regions in Ray tasks, match them on the driver, append the names."""
     import ray
 
     from pipeline import labels, progress
 
     started = time.monotonic()
     summary = ImportSummary()
-    manifest = storage.list_images(photos_uri)
-    if manifest.num_rows == 0:
-        raise XmpImportError(f"no photos under {photos_uri}")
-    storage.table_files(table_uri)  # an unreadable table fails before any work
-    state = labels.load(labels_uri)  # so does an unreadable log
-    sidecars = list_sidecars(photos_uri)
-    uris = manifest.column("image_uri").to_pylist()
-    todo = [(u, sidecars_of(storage.path_of(u), sidecars)) for u in uris]
+    todo, table_uri, labels_uri, state = plan.todo, plan.table, plan.labels, plan.state
     summary.photos = len(todo)
-    log(f"import_xmp: {len(todo):,} photos, {len(sidecars):,} sidecars under {photos_uri}")
+    log(f"import_xmp: {len(todo):,} photos, {plan.sidecars:,} sidecars under {plan.photos}")
     task = ray.remote(num_cpus=1, max_retries=2)(read_chunk)
     parts, skipped = [], 0
     with progress.watch("import_xmp", progress.new_run_id(), "photos", len(todo), progress_every, log) as w:
