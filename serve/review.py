@@ -233,13 +233,22 @@ class LabelLog:
             except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
                 raise labels.LabelsError(f"labels log {self.uri}: cannot read {path.rsplit('/', 1)[-1]}: {exc}") from exc
             self._seen.add(path)
+        self._replay()
+        return True
+
+    def add(self, path: str, rows: pa.Table) -> None:
+        """This replica's own new file, known without listing or reading it back."""
+        self._parts.append(labels.validate(rows))
+        self._seen.add(path)
+        self._replay()
+
+    def _replay(self) -> None:
         log = pa.concat_tables(self._parts)
         self._parts = [log]
         # replay order as labels.read: `at`, then file order (the names sort by time), then row
         log = log.take(pa.array(np.argsort(log.column("at").cast(pa.int64()).to_numpy(), kind="stable")))
         self.state = labels.replay(log)
         self.version += 1
-        return True
 
 
 class Review:
@@ -390,16 +399,21 @@ class Review:
         if not self.log.uri:
             raise ReviewError(409, "no labels log configured: start the endpoint with --labels URI to save decisions")
         rows = [r for r in rows if r.num_rows]
-        path = labels.append(self.log.uri, pa.concat_tables(rows)) if rows else None
-        self.view(force=True)
-        return {"written": sum(r.num_rows for r in rows), "labels_file": path}
+        if not rows:
+            return {"written": 0, "labels_file": None}
+        table = pa.concat_tables(rows)
+        path = labels.append(self.log.uri, table)
+        with self._lock:  # the act's answer comes after the view that shows it
+            self.log.add(path, table)
+            self._view = build_view(self.faces, self.log.state, self.log.version)
+        return {"written": table.num_rows, "labels_file": path}
 
     def name_person(self, name: str, person: str | None = None, current: str | None = None,
                     author: str | None = None) -> dict[str, Any]:
         """``name`` rows for every face of the person (``person`` id or ``current`` name),
         except the faces marked ``not`` that name."""
         name = _clean(name)
-        v = self.view(force=True)
+        v = self.view()
         rows = v.faces_of(self._entry(v, person, current))
         rows = np.setdiff1d(rows, v.rejected.get(name, np.zeros(0, np.int64)))
         if not len(rows):
@@ -414,7 +428,7 @@ class Review:
         Without ``name``: the one name among them; unnamed people alone need ``name``."""
         if len(people) < 2:
             raise ReviewError(400, "a merge needs at least two people")
-        v = self.view(force=True)
+        v = self.view()
         entries = [self._entry(v, p.get("person"), p.get("name")) for p in people]
         if len(set(entries)) < 2:
             raise ReviewError(400, "those references are one person already")
@@ -455,7 +469,7 @@ class Review:
     def forget(self, name: str, author: str | None = None) -> dict[str, Any]:
         """A ``forget`` row: the name is gone from every face (until named again)."""
         name = _clean(name)
-        v = self.view(force=True)
+        v = self.view()
         if name not in set(v.names) and name not in self.log.state.names():
             raise ReviewError(404, f"no person is named {name!r}")
         out = self._write([labels.decisions(labels.FORGET, name, author=author, source="review")])

@@ -127,6 +127,12 @@ def open_hash(driver, endpoint, where: str, ready: str) -> None:
     wait(driver, lambda d: d.find_elements("css selector", ready))
 
 
+def saved(driver) -> None:
+    """The page's act has been answered (its "saved: …" notice shows)."""
+    wait(driver, lambda d: d.find_element("id", "notice").is_displayed()
+         and d.find_element("id", "notice").text.startswith("saved"))
+
+
 def thumbs_loaded(driver) -> None:
     """Every thumbnail in the window has arrived (what a screenshot should show)."""
     wait(driver, lambda d: d.execute_script("""return [...document.querySelectorAll('img[data-src]')].filter(i => {
@@ -201,7 +207,7 @@ def test_merge_two_people(browser, endpoint):
         browser.find_element("css selector", f".person-card[data-person='{target['person']}'] .pick-box").click()
     browser.find_element("id", "merge-name").send_keys(BOB)
     browser.find_element("id", "merge-btn").click()
-    wait(browser, lambda d: len(log(endpoint)) > before)
+    saved(browser)
     rows = log(endpoint).iloc[before:]
     assert (rows.action == "name").all() and set(rows.name) == {BOB} and len(rows) == a["size"] + b["size"]
     bob = by_name(open_people(browser, endpoint, "named"), BOB)
@@ -241,7 +247,7 @@ def test_confirm_three_suggestions_from_the_keyboard(browser, endpoint):
     keys.send_keys(" ", Keys.ARROW_RIGHT, " ", Keys.ARROW_RIGHT, " ").perform()
     wait(browser, lambda d: d.find_element("id", "selected-count").text == "3 selected")
     ActionChains(browser).send_keys("y").perform()
-    wait(browser, lambda d: len(log(endpoint)) > before)
+    saved(browser)
     rows = log(endpoint).iloc[before:]
     assert list(rows.action) == ["name"] * 3 and set(rows.name) == {ANN}
     assert set(zip(rows.image_uri, rows.face_index)) == set(picked)
