@@ -14,6 +14,8 @@ job, ``label_table.py``, the review page, XMP export):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -43,7 +45,10 @@ def _keys(t: pa.Table) -> pa.Table:
 def _lookup(keys: pa.Table, other: pa.Table, on: list[str], column: str) -> pa.Array:
     """``other[column]`` for each row of ``keys`` (null where ``other`` has no match; ``other``
     must hold each key at most once)."""
-    j = keys.select(on + ["_row"]).join(other.select(on + [column]), keys=on, join_type="inner")
+    left, right = keys.select(on + ["_row"]), other.select(on + [column])
+    # Acero builds its hash table on the right side: the smaller one (a part vs the whole people table)
+    j = (left.join(right, keys=on, join_type="inner") if right.num_rows <= left.num_rows
+         else right.join(left, keys=on, join_type="inner"))
     rows = j.column("_row").to_numpy()
     out = pa.nulls(keys.num_rows, other.schema.field(column).type)
     if not len(rows):
@@ -86,31 +91,204 @@ def person_name_table(people: pa.Table, state: labels.LabelState) -> pa.Table:
     return pa.table({"person": pa.array(list(names), pa.string()), "name": pa.array(list(names.values()), pa.string())})
 
 
+class Namer:
+    """``face_names`` made once and applied to many parts of a table (label_table's tasks):
+    the people keys, each person's name and the decisions, as Arrow tables (they pickle)."""
+
+    def __init__(self, people: pa.Table | None, state: labels.LabelState) -> None:
+        self.people = None if people is None else people.select(KEYS + ["person"]).cast(
+            pa.schema([*_KEY_SCHEMA, ("person", pa.string())]))
+        self.by_person = (person_name_table(people, state) if people is not None else
+                          pa.table({"person": pa.array([], pa.string()), "name": pa.array([], pa.string())}))
+        named = _decisions(state.named)
+        if state.forgotten:
+            named = named.filter(pc.invert(pc.is_in(named.column("name"), pa.array(sorted(state.forgotten)))))
+        self.named = named
+        self.rejected = _decisions(state.rejected).append_column("_no", pa.array(np.ones(len(state.rejected), bool)))
+
+    def __call__(self, faces: pa.Table) -> pa.Table:
+        keys = _keys(faces)
+        person = (_lookup(keys, self.people, KEYS, "person") if self.people is not None
+                  else pa.nulls(faces.num_rows, pa.string()))
+        own = _lookup(keys, self.named, KEYS, "name")
+        keys = keys.append_column("person", person)
+        from_person = _lookup(keys, self.by_person, ["person"], "name")
+        if self.rejected.num_rows and self.by_person.num_rows:
+            keys = keys.append_column("name", from_person)
+            rejected = pc.fill_null(_lookup(keys, self.rejected, KEYS + ["name"], "_no"), False)
+            from_person = pc.if_else(rejected, pa.scalar(None, pa.string()), from_person)
+        name = pc.coalesce(own, from_person)
+        out = faces.drop_columns([c for c in ("person", "name") if c in faces.column_names])
+        return (out.append_column(pa.field("person", pa.string()), person)
+                .append_column(pa.field("name", pa.string()), name))
+
+
 def face_names(faces: pa.Table, people: pa.Table | None, state: labels.LabelState) -> pa.Table:
     """``faces`` (image_uri, face_index, any other columns) plus ``person`` (string, null
     without a people table or for a face not in it) and ``name`` (string, null): a face
     takes its person's name, unless it is marked `not` that name; a face with no person takes its own
     `name` decision.  (A face's own ``name`` decision, where it has one, outranks its person's
     majority: see the module docstring.)"""
-    keys = _keys(faces)
-    if people is not None:
-        p = people.select(KEYS + ["person"]).cast(pa.schema([*_KEY_SCHEMA, ("person", pa.string())]))
-        person = _lookup(keys, p, KEYS, "person")
-        by_person = person_name_table(people, state)
-    else:
-        person = pa.nulls(faces.num_rows, pa.string())
-        by_person = pa.table({"person": pa.array([], pa.string()), "name": pa.array([], pa.string())})
+    return Namer(people, state)(faces)
+
+
+# ------------------------------------------------------------------ the people job's hook
+
+
+@dataclass
+class NameReport:
+    """What ``constrain`` did, for the people job's summary and ``_people.json``."""
+    named_faces: int = 0         # faces of the table with a name decision
+    names: int = 0               # distinct names among them
+    split: int = 0               # people holding two names, split by name (the conflict rule)
+    merged: int = 0              # people merged into another of the same name
+    moved: int = 0               # faces moved (named faces to their name's person, unnamed ones by the split)
+    rejected_out: int = 0        # faces taken out of a person whose name they are marked `not`
+
+    def line(self) -> str:
+        return (f"names:         {self.named_faces} named faces, {self.names} names: {self.split} people holding two "
+                f"names split (each name's faces to its own person, unnamed faces to the nearer name's centre), "
+                f"{self.merged} people merged into one of the same name, {self.moved} faces moved, "
+                f"{self.rejected_out} faces taken out of a person they are marked `not`")
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def constrain(nums: np.ndarray, image_uri: pa.Array, face_index: np.ndarray, x: np.ndarray,
+              state: labels.LabelState, threshold: float) -> tuple[np.ndarray, NameReport]:
+    """Person numbers (one per face, >0) made to honour the labels log:
+
+    1. **conflict rule**: a person whose named faces hold two or more names is split by
+       name: each named face goes with its name, each unnamed face with the name whose
+       named faces' centre (in that person) it is nearest to by cosine; the name with the
+       most faces (ties: first in sort order) keeps the person's number;
+    2. faces named alike end in one person: the people of one name are merged into the one
+       holding most of its faces (ties: the lower number);
+    3. a face marked ``not X`` in X's person leaves it: to the nearest other person's centre
+       when that is at least ``threshold`` and not a name it is marked ``not``, else to a
+       person of its own.
+    """
+    nums = np.asarray(nums, np.int64).copy()
+    report = NameReport()
+    n = len(nums)
+    keys = pa.table({"image_uri": pa.array(image_uri).cast(pa.string()) if not isinstance(image_uri, pa.ChunkedArray)
+                     else image_uri.cast(pa.string()),
+                     "face_index": pa.array(np.asarray(face_index, np.int32)),
+                     "_row": pa.array(np.arange(n, dtype=np.int64))})
     named = _decisions(state.named)
     if state.forgotten:
         named = named.filter(pc.invert(pc.is_in(named.column("name"), pa.array(sorted(state.forgotten)))))
     own = _lookup(keys, named, KEYS, "name")
-    keys = keys.append_column("person", person)
-    from_person = _lookup(keys, by_person, ["person"], "name")
-    if len(state.rejected) and by_person.num_rows:
-        keys = keys.append_column("name", from_person)
-        bad = _decisions(state.rejected).append_column("_no", pa.array(np.ones(len(state.rejected), bool)))
-        rejected = pc.fill_null(_lookup(keys, bad, KEYS + ["name"], "_no"), False)
-        from_person = pc.if_else(rejected, pa.scalar(None, pa.string()), from_person)
-    name = pc.coalesce(own, from_person)
-    out = faces.drop_columns([c for c in ("person", "name") if c in faces.column_names])
-    return out.append_column(pa.field("person", pa.string()), person).append_column(pa.field("name", pa.string()), name)
+    valid = np.asarray(pc.is_valid(own).to_numpy(zero_copy_only=False), bool)
+    names, code_named = np.unique(np.asarray(own.filter(pa.array(valid)).to_pylist(), object), return_inverse=True) \
+        if valid.any() else (np.array([], object), np.zeros(0, np.int64))
+    code = np.full(n, -1, np.int64)
+    code[valid] = code_named
+    report.named_faces, report.names = int(valid.sum()), len(names)
+    next_num = int(nums.max(initial=0)) + 1
+    if len(names):
+        # 1. split people holding two names
+        rows = np.flatnonzero(code >= 0)
+        pairs = np.unique(np.stack([nums[rows], code[rows]], 1), axis=0)
+        persons, count = np.unique(pairs[:, 0], return_counts=True)
+        for p in persons[count > 1]:
+            members = np.flatnonzero(nums == p)
+            mine = members[code[members] >= 0]
+            held, sizes = np.unique(code[mine], return_counts=True)
+            keep = held[np.lexsort((held, -sizes))[0]]           # most faces, then first name
+            centre = np.stack([_unit(x[mine[code[mine] == c]].mean(0)) for c in held])
+            unnamed = members[code[members] < 0]
+            to = np.where(code[members] >= 0, code[members], -1)
+            if len(unnamed):
+                to[code[members] < 0] = held[(x[unnamed] @ centre.T).argmax(1)]
+            for c in held:
+                if c == keep:
+                    continue
+                moving = members[to == c]
+                nums[moving] = next_num
+                next_num += 1
+                report.moved += len(moving)
+            report.split += 1
+        # 2. one person per name
+        rows = np.flatnonzero(code >= 0)
+        pairs, per = np.unique(np.stack([code[rows], nums[rows]], 1), axis=0, return_counts=True)
+        for c in np.unique(pairs[:, 0]):
+            sel = pairs[:, 0] == c
+            if sel.sum() < 2:
+                continue
+            people, faces = pairs[sel, 1], per[sel]
+            target = people[np.lexsort((people, -faces))[0]]
+            for p in people[people != target]:
+                moving = nums == p
+                report.moved += int(moving.sum())
+                nums[moving] = target
+                report.merged += 1
+    # 3. `not X` faces out of X's person
+    if len(state.rejected) and len(names):
+        bad = _decisions(state.rejected)
+        j = keys.join(bad, keys=KEYS, join_type="inner")
+        if j.num_rows:
+            name_of_person = {}
+            rows = np.flatnonzero(code >= 0)
+            for p, c in zip(nums[rows], code[rows]):
+                name_of_person[int(p)] = names[c]
+            rej_rows = j.column("_row").to_numpy()
+            rej_names = np.asarray(j.column("name").to_pylist(), object)
+            out = np.array([name_of_person.get(int(nums[r])) == nm for r, nm in zip(rej_rows, rej_names)], bool)
+            leaving = np.unique(rej_rows[out])
+            if len(leaving):
+                uniq, lab = np.unique(nums, return_inverse=True)
+                sums = np.zeros((len(uniq), x.shape[1]), np.float64)
+                np.add.at(sums, lab, x)
+                cent = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+                refused = {}
+                for r, nm in zip(rej_rows, rej_names):
+                    refused.setdefault(int(r), set()).add(nm)
+                for r in leaving:
+                    sims = cent @ x[r]
+                    dest = None
+                    for i in np.argsort(-sims):
+                        if sims[i] < threshold:
+                            break
+                        p = int(uniq[i])
+                        if p != nums[r] and name_of_person.get(p) not in refused[int(r)]:
+                            dest = p
+                            break
+                    if dest is None:
+                        dest, next_num = next_num, next_num + 1
+                    nums[r] = dest
+                    report.rejected_out += 1
+    return nums, report
+
+
+def renumber(nums: np.ndarray) -> np.ndarray:
+    """Person numbers 1… again, largest first (a fresh run's ids after ``constrain``)."""
+    from pipeline.people.ids import ranked_ids
+
+    _, lab = np.unique(nums, return_inverse=True)
+    return ranked_ids(lab)[lab]
+
+
+def with_names(people: pa.Table, state: labels.LabelState | None) -> pa.Table:
+    """The people table with its ``name`` column: each person's name (``person_names``) on
+    every face of it; null without a labels log or for an unnamed person."""
+    if "name" in people.column_names:
+        people = people.drop_columns(["name"])
+    if state is None:
+        return people.append_column(pa.field("name", pa.string()), pa.nulls(people.num_rows, pa.string()))
+    by_person = person_name_table(people, state)
+    keys = pa.table({"person": people.column("person"), "_row": pa.array(np.arange(people.num_rows, dtype=np.int64))})
+    return people.append_column(pa.field("name", pa.string()), _lookup(keys, by_person, ["person"], "name"))
+
+
+def name_counts(people: pa.Table) -> dict[str, dict[str, int]]:
+    """``_people.json``'s ``names``: per name, its people and faces."""
+    t = people.filter(pc.is_valid(people.column("name")))
+    if not t.num_rows:
+        return {}
+    g = t.group_by("name").aggregate([("person", "count_distinct"), ("person", "count")]).sort_by("name")
+    return {n: {"people": int(p), "faces": int(f)} for n, p, f in
+            zip(g.column("name").to_pylist(), g.column("person_count_distinct").to_pylist(),
+                g.column("person_count").to_pylist())}
