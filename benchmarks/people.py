@@ -1,6 +1,7 @@
 """People (cluster_faces) accuracy, search and scale, with peers' rules side by side.
 
-    python benchmarks/people.py [--quick] [--tables DIR DIR] [--scale 100000 1000000]
+    python benchmarks/people.py [--quick] [--tables DIR DIR] [--scale 100000 1000000] [--rule fixed]
+    python benchmarks/people.py --tables T/identities_table T/unknown_table --skip-accuracy --scale 1000000
 
 1. Accuracy on ../shared/data/identities + unknown (scored by score_directory.py unless
    --tables are given), no labels used to cluster: BCubed precision/recall/F over each
@@ -8,7 +9,9 @@
    faceray's rule, Chinese Whispers at dlib's 0.6 rule, and an immich-like DBSCAN rule.
 2. Search: precision@5 of held-out photos of known people against the faiss index.
 3. Scale: 10^5 / 10^6 synthetic faces drawn to match the measured same/different cosine
-   distributions, clustered on a local Ray (wall, peak RSS), and search latency.
+   distributions, written as a Parquet table and clustered by jobs/cluster_faces.py in its
+   own process (its own local Ray, 2 CPUs): wall, peak RSS of the driver, of the largest
+   single process and of all, BCubed P/R/F; and search latency.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline import knn, people  # noqa: E402
+from pipeline.people.graph import RULES  # noqa: E402
 
 DLIB_RAW_NORM = 1.433                                   # measured mean norm of raw descriptors
 DLIB_COS = round(1 - 0.6 ** 2 / (2 * DLIB_RAW_NORM ** 2), 3)  # dlib's 0.6 Euclidean ⇔ cos 0.912
@@ -119,8 +123,8 @@ def accuracy(x: np.ndarray, df: pd.DataFrame) -> None:
     print(f"\n## accuracy: {len(x)} faces, {m.sum()} labelled main faces of {len(set(truth))} true people "
           f"(42 identities + 40 unknown)")
     print(f"{'rule':<58}{'precision':>10}{'recall':>8}{'F':>8}{'people':>8}{'s':>6}")
-    rows = [("faceray: kNN k=30, cos ≥ %.3f (100:1), Infomap/component" % people.THRESHOLD,
-             lambda: people.cluster(x))]
+    rows = [(f"faceray: kNN k=30, cos ≥ {people.THRESHOLD:.3f} (100:1), {rule} edges, Infomap",
+             lambda rule=rule: people.cluster(x, rule=rule)) for rule in RULES]
     for th, why in ((DLIB_COS, "dlib 0.6 rule"), (people.THRESHOLD, "faceray threshold")):
         rows.append((f"Chinese Whispers, cos ≥ {th} ({why})", lambda th=th: chinese_whispers(len(x), *edges_at(x, th))))
         rows.append((f"immich-like DBSCAN, ≥3 neighbours, cos ≥ {th} ({why})",
@@ -189,27 +193,37 @@ def synthesise(x_real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, n
 
 
 class PeakRss:
-    """Peak RSS of this process and its descendants (the local Ray), sampled every 0.2 s."""
+    """Peak RSS of a process tree, sampled every 0.2 s: the whole tree, its root (the
+    driver) and the largest single process (Ray workers count the object store pages they
+    touch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
         import psutil
-        self.proc, self.peak, self.stop = psutil.Process(), 0, False
+        self.proc = psutil.Process(pid)
+        self.peak = self.driver = self.single = 0
+        self.stop = False
 
-    def _rss(self) -> int:
+    def _sample(self) -> None:
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
             except Exception:
-                pass
-        return total
+                continue
+            total += rss
+            self.single = max(self.single, rss)
+            if p.pid == self.proc.pid:
+                self.driver = max(self.driver, rss)
+        self.peak = max(self.peak, total)
 
     def __enter__(self):
         def run():
             while not self.stop:
-                self.peak = max(self.peak, self._rss())
+                try:
+                    self._sample()
+                except Exception:
+                    pass
                 time.sleep(0.2)
-        self.base = self._rss()
         self.t = threading.Thread(target=run, daemon=True)
         self.t.start()
         return self
@@ -219,39 +233,77 @@ class PeakRss:
         self.t.join()
 
 
-def scale(x_real: np.ndarray, sizes: list[int]) -> None:
-    import ray
-    from pipeline.runtime import init_ray
+def write_table(x: np.ndarray, folder: Path, rows_per_file: int = 50_000) -> None:
+    """A prediction-table-shaped folder (image_uri, status, face_index, embedding)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    init_ray(None, 2)
-    print(f"\n## scale (local Ray, 2 CPUs)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, lo in enumerate(range(0, len(x), rows_per_file)):
+        hi = min(len(x), lo + rows_per_file)
+        pq.write_table(pa.table({
+            "image_uri": pa.array([f"s/{j:09d}.jpg" for j in range(lo, hi)]),
+            "status": pa.array(["ok"] * (hi - lo)),
+            "face_index": pa.array(np.zeros(hi - lo, np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[lo:hi].ravel()), 128)}),
+            folder / f"part-{i:05d}.parquet")
+
+
+def run_job(table: Path, out: Path, rule: str) -> tuple[float, PeakRss, str]:
+    """jobs/cluster_faces.py as a user runs it (its own local Ray, 2 CPUs), measured from outside."""
+    cmd = [sys.executable, str(ROOT / "jobs/cluster_faces.py"), "--table", str(table), "--output", str(out),
+           "--num-cpus", "2", "--sheet-people", "2", "--edge-rule", rule]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with PeakRss(proc.pid) as mem:
+        log, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"cluster_faces.py failed ({proc.returncode}):\n{log[-3000:]}")
+    return time.monotonic() - t0, mem, log
+
+
+def scale(x_real: np.ndarray, sizes: list[int], rule: str, work: Path) -> None:
+    print(f"\n## scale: jobs/cluster_faces.py on synthetic tables (its own local Ray, 2 CPUs), edge rule {rule}")
     for n in sizes:
         x, lab = synthesise(x_real, n)
-        with PeakRss() as mem:
-            t0 = time.monotonic()
-            pred = people.cluster(x, log=print)
-            wall = time.monotonic() - t0
+        table, out = work / f"synthetic_{n}", work / f"people_{n}_{rule}"
+        if not table.exists():
+            write_table(x, table)
+        del x
+        load = os.getloadavg()[0]
+        wall, mem, log = run_job(table, out, rule)
+        steps = [line for line in log.splitlines() if line.startswith(("[kNN]", "[components]", "seconds:"))]
+        pred = pd.read_parquet(out, columns=["image_uri", "person"])
+        row = pred.image_uri.str.slice(2, 11).astype(np.int64).to_numpy()
         sub = np.random.default_rng(1).choice(n, size=min(n, 200_000), replace=False)
-        p, r, f = bcubed(lab[sub], pred[sub])
-        print(f"N={n}: wall {wall:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB (driver + Ray workers; "
-              f"{mem.base / 2**30:.2f} GiB before), people {pred.max() + 1} vs {lab.max() + 1} true, "
+        truth = np.empty(n, np.int64)
+        truth[row] = np.arange(n)
+        person = pred.person.to_numpy()[truth[sub]]
+        p, r, f = bcubed(lab[sub], person)
+        print(f"N={n}: wall {wall:.1f} s (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
+              f"peak RSS: driver {mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB, "
+              f"all {mem.peak / 2**30:.2f} GiB; people {pred.person.nunique()} vs {lab.max() + 1} true; "
               f"BCubed P {p:.4f} R {r:.4f} F {f:.4f}")
-        if n == max(sizes):
-            t0 = time.monotonic()
-            index = knn.build_index(x)
-            build = time.monotonic() - t0
-            import faiss
-            faiss.omp_set_num_threads(1)
-            q = x[np.random.default_rng(2).choice(n, 1000)]
-            lat = []
-            for row in q:
-                t1 = time.perf_counter()
-                index.search(row[None], 10)
-                lat.append(time.perf_counter() - t1)
-            lat = np.array(lat) * 1000
-            print(f"search on {n} faces ({type(index).__name__}, build {build:.1f} s, 1 thread, k=10): "
-                  f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
-    ray.shutdown()
+        for line in steps:
+            print("   ", line.strip())
+
+
+def search_latency(x_real: np.ndarray, n: int) -> None:
+    import faiss
+    x, _ = synthesise(x_real, n)
+    t0 = time.monotonic()
+    index = knn.build_index(x)
+    build = time.monotonic() - t0
+    faiss.omp_set_num_threads(1)
+    q = x[np.random.default_rng(2).choice(n, 1000)]
+    lat = []
+    for row in q:
+        t1 = time.perf_counter()
+        index.search(row[None], 10)
+        lat.append(time.perf_counter() - t1)
+    lat = np.array(lat) * 1000
+    print(f"search on {n} faces ({type(index).__name__}, build {build:.1f} s, 1 thread, k=10): "
+          f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
 
 
 def main() -> int:
@@ -259,18 +311,26 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="scale at 10^5 only")
     ap.add_argument("--tables", nargs="+", help="scored identities (+ unknown) tables (default: score them now)")
     ap.add_argument("--scale", nargs="*", type=int, help="synthetic sizes (default 10^5 10^6)")
+    ap.add_argument("--rule", default="fixed", help="edge rule for the scale runs (pipeline/people/graph.py RULES)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "faceray_people_bench"),
+                    help="where the scored and synthetic tables are kept between runs")
+    ap.add_argument("--skip-accuracy", action="store_true", help="scale runs only")
     args = ap.parse_args()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
-    tables = args.tables or score_tables(Path(tempfile.gettempdir()) / "faceray_people_bench")
+    work = Path(args.work)
+    tables = args.tables or score_tables(work)
     x, df = load(tables)
-    accuracy(x, df)
-    search(x, df)
+    if not args.skip_accuracy:
+        accuracy(x, df)
+        search(x, df)
     sizes = args.scale if args.scale is not None else ([100_000] if args.quick else [100_000, 1_000_000])
     if sizes:
-        scale(x, sizes)
+        scale(x, sizes, args.rule, work)
+        if not args.skip_accuracy:
+            search_latency(x, max(sizes))
     return 0
 
 

@@ -163,3 +163,97 @@ def knn_graph(x: np.ndarray, k: int, exact_max: int = EXACT_MAX, query_rows: int
         log(f"[kNN] {n} faces, k={k}, index {kind}, {len(db)} database shard(s) × {len(qs)} query "
             f"shard(s) on {'Ray' if use_ray else 'this process'}: {stats.seconds:.1f} s")
     return sims, ids, stats
+
+
+# ---------------------------------------------------------------- kNN over shards held as Ray refs
+SHARD_DB_ROWS = 1_000_000    # faces per database index task: bounds every search task's memory
+
+
+def _masked_count(mask: np.ndarray) -> int:
+    return int(mask.sum())
+
+
+def _sample(x: np.ndarray, mask: np.ndarray, m: int, seed: int) -> np.ndarray:
+    rows = np.flatnonzero(mask)
+    rng = np.random.default_rng(seed)
+    return np.ascontiguousarray(x[np.sort(rng.choice(rows, size=min(m, len(rows)), replace=False))], np.float32)
+
+
+def _train(nlist: int, *samples: np.ndarray) -> np.ndarray:
+    faiss.omp_set_num_threads(1)
+    d = samples[0].shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.concatenate(samples))
+    index.nprobe = default_nprobe(nlist)
+    return to_bytes(index)
+
+
+def _group_index(trained: np.ndarray, los: list[int], *parts: np.ndarray) -> np.ndarray:
+    """Serialised index of the masked rows of some shards (ids: global row numbers)."""
+    faiss.omp_set_num_threads(1)
+    index = from_bytes(trained)
+    if isinstance(index, faiss.IndexFlat):
+        index = faiss.IndexIDMap(index)
+    for lo, x, mask in zip(los, parts[0::2], parts[1::2]):
+        rows = np.flatnonzero(mask)
+        index.add_with_ids(np.ascontiguousarray(x[rows], np.float32), lo + rows.astype(np.int64))
+    return to_bytes(index)
+
+
+def _search_masked(index_bytes: np.ndarray, x: np.ndarray, mask: np.ndarray, k: int,
+                   nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    return _search(index_bytes, np.ascontiguousarray(x[mask]), 0, int(mask.sum()), k, nprobe)
+
+
+def _finish(finish: Callable, k: int, lo: int, mask: np.ndarray, *got: np.ndarray):
+    s, i = merge_topk(list(got[0::2]), list(got[1::2]), k)
+    return finish(s, i, lo + np.flatnonzero(mask).astype(np.int64))
+
+
+def topk_refs(xs: list, masks: list, bounds: np.ndarray, k: int, finish: Callable,
+              exact_max: int = EXACT_MAX, db_rows: int = SHARD_DB_ROWS,
+              nprobe: int | None = None) -> tuple[list, str]:
+    """Per shard, a Ray ref to ``finish(sims, ids, rows)`` of its masked rows' top-k among
+    every shard's masked rows (ids are global row numbers: shard i starts at bounds[i]).
+
+    The embeddings stay in the object store as the read tasks left them: an index task per
+    group of shards (≤ ``db_rows`` faces), a search task per (shard × index), a merge task
+    per shard that runs ``finish`` (the edge rule) — the N×k lists never meet in one place."""
+    import ray
+
+    def remote(fn, returns=1):
+        return ray.remote(num_cpus=1, max_retries=3, num_returns=returns)(fn)
+
+    counts = np.asarray(ray.get([remote(_masked_count).remote(m) for m in masks]), np.int64)
+    n = int(counts.sum())
+    k = max(1, min(k, n))
+    d = 128
+    if n <= exact_max:
+        trained, kind = ray.put(to_bytes(faiss.IndexFlatIP(d))), "flat (exact)"
+    else:
+        nlist = ivf_lists(n)
+        want = nlist * TRAIN_PER_LIST
+        samples = [remote(_sample).remote(x, m, int(np.ceil(want * c / n)), i)
+                   for i, (x, m, c) in enumerate(zip(xs, masks, counts)) if c]
+        trained = remote(_train).remote(nlist, *samples)
+        kind = f"IVF{nlist},Flat nprobe {nprobe or default_nprobe(nlist)}"
+    groups, cur, size = [], [], 0
+    for i, c in enumerate(counts):
+        if cur and size + c > db_rows:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += int(c)
+    groups.append(cur)
+    group_task, search, merge = remote(_group_index), remote(_search_masked, 2), remote(_finish)
+    indexes = []
+    for g in groups:
+        parts = [r for i in g for r in (xs[i], masks[i])]
+        indexes.append(group_task.remote(trained, [int(bounds[i]) for i in g], *parts))
+    out = []
+    for i, (x, m) in enumerate(zip(xs, masks)):
+        got = [r for ix in indexes for r in search.remote(ix, x, m, k, nprobe)]
+        out.append(merge.remote(finish, k, int(bounds[i]), m, *got))
+    note = (f"{n} faces, k={k}, index {kind}, {len(groups)} index task(s) × {len(xs)} query shard(s) "
+            f"as Ray tasks")
+    return out, note

@@ -34,7 +34,7 @@ def test_people_match_true_identities(people_run, tmp_path):
 def test_output_contract(people_run):
     table, _, out = people_run
     df = pd.read_parquet(out)    # side files are skipped by the reader
-    assert list(df.columns) == ["image_uri", "face_index", "person", "person_size", "similarity"]
+    assert list(df.columns) == ["image_uri", "face_index", "person", "person_size", "similarity", "name"]
     schema = pq.read_schema(next(p for p in __import__("glob").glob(f"{out}/*.parquet")))
     assert schema.field("face_index").type == pa.int32() and schema.field("person_size").type == pa.int32()
     assert schema.field("similarity").type == pa.float32()

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.knn import knn_graph
-from pipeline.people.graph import K, THRESHOLD, graph_edges
+from pipeline.people.graph import K, THRESHOLD, gathered, shard_edges
 
 BATCH_NODES = 200_000          # graph nodes per clustering task
 
@@ -75,13 +75,15 @@ def _run_batches(jobs: list[tuple]) -> list[np.ndarray]:
 
 
 def cluster(x: np.ndarray, threshold: float = THRESHOLD, k: int = K,
-            log: Callable[[str], None] | None = None, **knn_kwargs) -> np.ndarray:
-    """Person labels 0..P-1 for unit embeddings ``x`` (kNN graph → edges → Infomap)."""
+            log: Callable[[str], None] | None = None, rule: str = "fixed", **knn_kwargs) -> np.ndarray:
+    """Person labels 0..P-1 for unit embeddings ``x`` (kNN graph → edges → Infomap), all in
+    this process (and its Ray tasks): the reference the task pipeline (``spread``) is
+    tested against, and what the benchmark's rule comparisons run."""
     if len(x) == 1:
         return np.zeros(1, np.int64)
     sims, ids, _ = knn_graph(x, k + 1, log=log, **knn_kwargs)
     t0 = time.monotonic()
-    a, b, w = graph_edges(sims, ids, threshold)
+    a, b, w = gathered([shard_edges(sims, ids, np.arange(len(x)), threshold, rule)], rule)
     del sims, ids
     labels = cluster_graph(len(x), a, b, w)
     if log:

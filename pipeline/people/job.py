@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -10,12 +11,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.people.clustering import centres, cluster
+from pipeline.labels import LabelState
+from pipeline.people.spread import CAP, cluster_shards, write_shards
 from pipeline.people.graph import DIFF_COS, EDGE_ODDS, K, SAME_COS, THRESHOLD
-from pipeline.people.ids import person_strings, previous_numbers, ranked_ids
-from pipeline.people.output import PEOPLE_SCHEMA, write_table, write_text
-from pipeline.people.reading import read_faces, read_people
-from pipeline.people.sheet import contact_sheet
+from pipeline.people.ids import person_strings
+from pipeline.people.names import NameReport, constrain, name_counts, person_name_table, renumber, with_names
+from pipeline.people.output import write_text
+from pipeline.people.sheet import SHEET_DEADLINE_S, contact_sheet
 
 # Faces whose box is smaller than this (shorter side, photo pixels) are not linked to any
 # other: their embeddings are too unreliable.  Without it, tiny, blurred and half-cut faces
@@ -36,6 +38,9 @@ class PeopleSummary:
     new_people: int = 0      # --resume: people founded by new faces
     kept: int = 0            # --resume: faces already in the output
     unlinked: int = 0        # faces under MIN_LINK_PX: each a person of its own
+    sheet_faces: int = 0     # faces on the contact sheet
+    unreadable: int = 0      # of them placeholders: their photo could not be read in time
+    names: NameReport | None = None   # --labels: what the labels log changed (pipeline/people/names.py)
     threshold: float = THRESHOLD
     seconds: dict[str, float] = field(default_factory=dict)
     output: str = ""
@@ -48,80 +53,69 @@ class PeopleSummary:
         if self.kept or self.joined or self.new_people:
             out.append(f"--resume:      {self.kept} faces kept their person, {self.joined} new faces joined "
                        f"existing people, {self.new_people} new people")
+        if self.names is not None:
+            out.append(self.names.line())
         out.append(f"threshold:     cos ≥ {self.threshold} (edge odds {EDGE_ODDS:g}:1 from LFW pairs)")
         out.append("seconds:       " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
                    + f", total {sum(self.seconds.values()):.1f}")
+        if self.unreadable:
+            out.append(f"thumbnails:    {self.unreadable} unreadable of {self.sheet_faces} on the contact sheet "
+                       f"(grey placeholders: photo gone or its store unreachable)")
         out.append(f"output:        {self.output} (+ _people.json, _people.html)")
         return out
 
 
 def cluster_table(table_uri: str, output_uri: str, resume: bool = False, threshold: float = THRESHOLD,
-                  k: int = K, log: Callable[[str], None] = print, sheet_people: int = 40) -> PeopleSummary:
-    """The whole job: read → (resume: join) → kNN + cluster → write table, json, html."""
+                  k: int = K, log: Callable[[str], None] = print, sheet_people: int = 40,
+                  label_state: LabelState | None = None, rule: str = "fixed", cap: int = CAP,
+                  crash_marker: str | None = None) -> PeopleSummary:
+    """The whole job: read → (resume: join) → kNN + cluster → (``label_state``: the labels log's
+    decisions, ``names.constrain``) → write table, json, html.  ``crash_marker`` (tests only): the
+    first clustering task to find no such file makes it and kills its worker (Ray runs it again)."""
     summary = PeopleSummary(threshold=threshold, output=output_uri)
-    t0 = time.monotonic()
     storage.check_writable(output_uri)
-    faces = read_faces(table_uri, with_bbox=True)
-    summary.faces = len(faces)
-    linkable = np.ones(len(faces), bool) if faces.bbox is None else faces.bbox[:, 2:].min(1) >= MIN_LINK_PX
-    previous = read_people(output_uri) if resume else None
-    summary.seconds["reading"] = time.monotonic() - t0
-    log(f"[reading] {len(faces)} faces from {table_uri}"
-        + (f", {previous.num_rows} faces in the existing people" if previous is not None else "")
-        + f": {summary.seconds['reading']:.1f} s")
-
-    x = faces.embedding
-    nums = np.zeros(len(faces), np.int64)            # person number per face (0 = none yet)
-    if previous is not None and previous.num_rows:
-        nums = previous_numbers(faces, previous)
-        summary.kept = int((nums > 0).sum())
-    todo = np.flatnonzero((nums == 0) & linkable)
-    if summary.kept and len(todo):
-        t1 = time.monotonic()
-        old = np.flatnonzero(nums > 0)
-        uniq, lab = np.unique(nums[old], return_inverse=True)
-        c = centres(x[old], lab, len(uniq))
-        from pipeline.knn import build_index
-        s, i = build_index(c).search(x[todo], 1)
-        join = s[:, 0] >= threshold
-        nums[todo[join]] = uniq[i[join, 0]]
-        summary.joined = int(join.sum())
-        todo = todo[~join]
-        summary.seconds["joining"] = time.monotonic() - t1
-        log(f"[joining] {summary.joined} new faces joined existing people (nearest centre cos ≥ {threshold}), "
-            f"{len(todo)} left to cluster: {summary.seconds['joining']:.1f} s")
-    if len(todo):
-        t1 = time.monotonic()
-        labels = cluster(x[todo], threshold, k, log=log)
-        start = int(nums.max()) + 1 if summary.kept else 1
-        nums[todo] = ranked_ids(labels, start)[labels]
-        summary.new_people = int(labels.max()) + 1 if summary.kept else 0
-        summary.seconds["kNN+clustering"] = time.monotonic() - t1
-    small = np.flatnonzero((nums == 0) & ~linkable)   # each its own person, after the others
-    if len(small):
-        nums[small] = int(nums.max()) + 1 + np.arange(len(small))
-        summary.new_people += len(small) if summary.kept else 0
-    summary.unlinked = int((~linkable).sum())
+    # every step a Ray task over shards of the table; the driver keeps refs and O(people) numbers
+    c = cluster_shards(table_uri, output_uri, resume, threshold, k, MIN_LINK_PX, rule=rule, cap=cap,
+                       crash_marker=crash_marker, log=log)
+    summary.faces, summary.kept, summary.joined, summary.unlinked = c.faces, c.kept, c.joined, c.unlinked
+    summary.new_people = c.new_people
+    summary.seconds.update(c.seconds)
+    # Here every face has its person number (per shard, ``c.nums``), before anything is written.
+    named = people_names = None
+    if label_state is not None:  # names (issue 24): the labels log binds the person numbers, fresh run or --resume
+        keys, x, nums = c.gather()   # constrain needs every face at once: O(faces) here, only with --labels
+        nums, summary.names = constrain(nums, keys.column("image_uri"), keys.column("face_index").to_numpy(), x,
+                                        label_state, threshold)
+        nums = nums if summary.kept else renumber(nums)
+        c.set_numbers(nums)
+        people_names = with_names(keys.append_column("person", person_strings(nums)),
+                                  label_state)
+        named = person_name_table(people_names, label_state)
+        log(summary.names.line().replace("names:        ", "[names]"))
 
     t1 = time.monotonic()
-    uniq, lab = np.unique(nums, return_inverse=True)
-    c = centres(x, lab, len(uniq))
-    sim = np.einsum("ij,ij->i", x, c[lab]).astype(np.float32)
-    sizes = np.bincount(lab)
-    summary.people, summary.singletons, summary.largest = len(uniq), int((sizes == 1).sum()), int(sizes.max())
-    table = pa.table({"image_uri": faces.image_uri, "face_index": pa.array(faces.face_index, pa.int32()),
-                      "person": person_strings(nums), "person_size": pa.array(sizes[lab].astype(np.int32)),
-                      "similarity": pa.array(np.clip(sim, -1, 1))}, schema=PEOPLE_SCHEMA)
-    files = write_table(output_uri, table)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    w = write_shards(c, output_uri, run_id, sheet_people, names=named)
+    files, table = w.files, w.sheet_rows
+    summary.people, summary.singletons, summary.largest = w.people, w.singletons, w.largest
     meta = {"source_table": table_uri, "backbone": BACKBONE, "threshold": threshold, "edge_odds": EDGE_ODDS,
             "same_cos": SAME_COS, "different_cos": DIFF_COS, "k": k, "faces": summary.faces,
             "people": summary.people, "people_2plus": summary.people - summary.singletons,
             "single_faces": summary.singletons, "unlinked_small_faces": summary.unlinked, "min_link_px": MIN_LINK_PX,
-            "largest": summary.largest, "resumed": bool(previous is not None),
+            "largest": summary.largest, "resumed": bool(resume),
+            "edge_rule": rule, "component_cap": cap, "edges": c.edges, "components": c.components,
+            "largest_component": c.largest_component,
             "joined": summary.joined, "new_people": summary.new_people, "files": files,
+            "names": name_counts(people_names) if people_names is not None else {},
+            **({"labels": vars(summary.names)} if summary.names is not None else {}),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    log(f"[sheet] thumbnails of the {min(sheet_people, summary.people)} largest people "
+        f"(placeholders for what is not read in {SHEET_DEADLINE_S:g} s)")
+    sheet = contact_sheet(table, table_uri, meta, sheet_people)
+    summary.sheet_faces, summary.unreadable = sheet.faces, sheet.unreadable
+    meta.update(sheet_faces=sheet.faces, sheet_unreadable=sheet.unreadable)
     write_text(output_uri, "_people.json", json.dumps(meta, indent=2))
-    write_text(output_uri, "_people.html", contact_sheet(table, table_uri, meta, sheet_people))
+    write_text(output_uri, "_people.html", sheet.html)
     summary.seconds["writing"] = time.monotonic() - t1
-    log(f"[writing] {table.num_rows} rows, {summary.people} people → {output_uri}: {summary.seconds['writing']:.1f} s")
+    log(f"[writing] {summary.faces} rows, {summary.people} people → {output_uri}: {summary.seconds['writing']:.1f} s")
     return summary
