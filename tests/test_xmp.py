@@ -423,3 +423,28 @@ def test_embedded_packet_in_jpeg_webp_heic(fmt):
     assert np.allclose([regions[0].box.x, regions[0].box.w], [0.1, 0.2])
     # a file Pillow cannot open: the packet is found by scanning its bytes
     assert find_packet(b"\x00garbage" + packet + b"tail") is not None
+
+
+def test_video_rows_and_low_scores_are_counted_not_written(ray_cluster, tmp_path, capsys):
+    """A table with a photo (two faces, one under --min-score) and a video's frames."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import export_xmp
+
+    table = tmp_path / "table"
+    table.mkdir()
+    root = tmp_path / "media"
+    uris = [f"{root}/a.jpg", f"{root}/a.jpg", f"{root}/clip.mp4", f"{root}/clip.mp4"]
+    pq.write_table(pa.table({
+        "image_uri": uris, "status": ["ok"] * 4, "face_index": pa.array([0, 1, 0, 0], pa.int32()),
+        "bbox": [{"x": 10.0, "y": 10.0, "w": 50.0, "h": 60.0}] * 4,
+        "width": pa.array([640] * 4, pa.int32()), "height": pa.array([480] * 4, pa.int32()),
+        "det_score": pa.array([0.95, 0.5, 0.9, 0.9], pa.float32()),
+        "frame_index": pa.array([None, None, 0, 30], pa.int32())}), table / "part-0.parquet")
+    out = tmp_path / "out"
+    text = run(export_xmp.main, ["--table", str(table), "--output", str(out), "--min-score", "0.8"], capsys)
+    assert "photos with faces: 1 (1 faces" in text
+    assert "faces under --min-score: 1; video rows skipped: 2" in text
+    assert [p.name for p in out.rglob("*.xmp")] == ["a.jpg.xmp"]
+    assert len(read_back(out / "a.jpg.xmp")["RegionInfo"]["RegionList"]) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -205,7 +206,8 @@ def export_part(part: str, table_uri: str, root: str, output: str | None, named:
 
     def report(final: bool = False) -> None:
         if board is not None and (final or reported[0] >= REPORT_EVERY) and reported[0]:
-            board.add.remote(hash((part, counts["photos"])), reported[0], reported[1], {})
+            # a key stable across processes: a retried task's reports count once
+            board.add.remote(zlib.crc32(f"{part}:{counts['photos']}".encode()), reported[0], reported[1], {})
             reported[0] = reported[1] = 0
 
     start = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -165,7 +166,7 @@ def read_chunk(photos: list[tuple[str, list[str]]], board=None) -> dict:  # noqa
                                                   aw, ah, rot, pw, ph)):
                 cols[k].append(v)
     if board is not None and photos:
-        board.add.remote(hash(photos[0][0]), len(photos), len(cols["image_uri"]), {})
+        board.add.remote(zlib.crc32(photos[0][0].encode()), len(photos), len(cols["image_uri"]), {})
     return {"regions": pa.table(cols, schema=REGION_SCHEMA), "skipped": skipped_total, "malformed": malformed}
 
 
