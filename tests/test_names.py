@@ -340,7 +340,23 @@ def test_killed_label_table_leaves_the_previous_output(named, ray_cluster, tmp_p
     assert len(storage.table_files(out)[1]) == len(storage.table_files(named.labelled)[1])
 
 
-def test_bad_input_one_line_exit_2_nothing_written(named, tuned_bundle, tmp_path, capsys):
+def fine_tuned_copy(bundle: Path, out: Path) -> Path:
+    """``bundle`` written again as a fine-tuned bundle (with a ``backbone.pt``), by the bundle writer."""
+    import torch
+
+    from pipeline.heads import ModelBundle, TaskSpec
+
+    state = torch.load(bundle / "heads.pt", weights_only=True)
+    meta = json.loads((bundle / "model.json").read_text())
+    heads = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
+    cents = {k[len("centroids."):]: v.numpy() for k, v in state.items() if k.startswith("centroids.")}
+    ModelBundle.write(str(out), [TaskSpec.from_json(t) for t in meta["tasks"]], heads, cents,
+                      {"backbone": meta.get("backbone", {})}, backbone=b"tuned weights")
+    return out
+
+
+def test_bad_input_one_line_exit_2_nothing_written(named, tmp_path, capsys):
+    tuned = fine_tuned_copy(named.bundle, tmp_path / "tuned")
     out = tmp_path / "out"
     log = tmp_path / "labels"
     labels.append(str(log), labels.decisions("name", "Nobody", [("/nowhere/x.jpg", 0)]))
@@ -349,7 +365,7 @@ def test_bad_input_one_line_exit_2_nothing_written(named, tuned_bundle, tmp_path
     (log / "labels-broken.parquet").write_bytes(b"half a file")
     assert job("label_table", "--table", named.table, "--labels", str(log), "--output", str(out))[0] == 2
     assert "labels-broken.parquet" in err_line(capsys)
-    assert job("label_table", "--table", named.table, "--model", str(tuned_bundle[0]), "--output", str(out))[0] == 2
+    assert job("label_table", "--table", named.table, "--model", str(tuned), "--output", str(out))[0] == 2
     assert "score_directory.py --model" in err_line(capsys) and not storage_files(out)
     assert job("cluster_faces", "--table", named.table, "--output", str(out), "--labels", str(log))[0] == 2
     assert "labels-broken.parquet" in err_line(capsys)
