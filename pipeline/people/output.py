@@ -15,6 +15,7 @@ PEOPLE_SCHEMA = pa.schema([
     pa.field("person", pa.string()),
     pa.field("person_size", pa.int32()),
     pa.field("similarity", pa.float32()),
+    pa.field("name", pa.string()),          # the person's name from the labels log (pipeline/people/names.py)
 ])
 ROWS_PER_FILE = 1_000_000
 
