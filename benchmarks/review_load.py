@@ -208,6 +208,41 @@ class Clients:
         return out
 
 
+def in_process(table: str, people: str, labels: str) -> list[str]:
+    """The state's own cost, with no HTTP and no clients: ``serve.review.Review`` methods at
+    this scale (median of 5; the acts write a real log file and rebuild the view each)."""
+    import statistics
+
+    from serve.review import Review
+
+    t = time.perf_counter()
+    review = Review.load(table, people, labels)
+    out = [f"in process (serve.review, no HTTP): load {time.perf_counter() - t:.2f} s; "
+           f"{review.progress()['people_left']} people"]
+    first = review.people(0, 40)
+    page, total = first["people"], first["total"]
+    review.name_person("Person 0", person=page[0]["person"])
+    faces = review.person(name="Person 0", limit=60)["faces"]
+
+    def timed(label: str, fn) -> None:  # noqa: ANN001
+        runs = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            fn(i)
+            runs.append(time.perf_counter() - t0)
+        out.append(f"  {label:<44} {statistics.median(runs) * 1000:7.1f} ms")
+
+    timed("people page (40, 4 faces each)", lambda i: review.people((total // 5) * i, 40))
+    timed("person page (60 faces)", lambda i: review.person(person=page[1 + i]["person"], limit=60))
+    timed("suggestions (30 faces, 6 people)", lambda i: review.suggestions("Person 0", 30))
+    timed("progress", lambda i: review.progress())
+    timed("act: decide 1 face (write + replay + view)", lambda i: review.decide(
+        "Person 0", reject=[(faces[-1 - i]["image_uri"], faces[-1 - i]["face_index"])]))
+    timed("act: name a person (write + replay + view)", lambda i: review.name_person(
+        f"Person {i + 1}", person=page[10 + i]["person"]))
+    return out
+
+
 async def page_of_60(url: str, person: dict) -> float:
     """A person page as the browser loads it: the JSON, then 60 thumbnails 6 at a time."""
     import aiohttp
@@ -241,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         table, people, labels = synthetic_archive(Path(tmp), args.faces)
         print(f"synthetic archive: {args.faces} faces in {time.monotonic() - t:.1f} s")
+        print("\n".join(in_process(table, people, str(Path(tmp) / "labels-in-process"))))
         from serve import ingress
 
         port = ingress.free_port("127.0.0.1")
@@ -266,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             clients = Clients(url)
             seconds = asyncio.run(clients.run(args.clients, args.seconds))
             print("\n".join(clients.lines(seconds)))
+            print("machine load average (1 min) after the run: {:.1f} on {} cores (other processes count too)".format(
+                os.getloadavg()[0], os.cpu_count()))
             import httpx
 
             info = httpx.get(url + "/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).json()
