@@ -26,6 +26,14 @@ Prediction rules (documented in the README):
 * regression: the head predicts a value and the expected absolute error ``b`` (Laplace
   scale); the value is in the task's own units, the score is ``exp(-b / std)`` in (0, 1]
   where ``std`` is the training targets' standard deviation — 1 means "very sure".
+* ``builtin`` heads start as a built-in network's own output layer on the features it is
+  exactly linear in (``attributes.OUTPUT_FEATURES``; age: its bins and their expectation,
+  ``BinsOut``).  A task marked ``prefer_builtin`` lost to that network on validation: its
+  head *is* the untouched output layer, so the bundle answers as the network does.
+* a fine-tuned bundle runs its own networks (``backbone.pt``, ``<attribute>.pt``):
+  ``head_embeddings`` returns what its heads read, the tuned attribute networks' features
+  riding on the embeddings (``HeadEmbeddings``); a ``prefer_builtin`` head reads the base
+  network's features.
 """
 from __future__ import annotations
 
@@ -256,9 +264,11 @@ def calibrate_open_set(probs: np.ndarray, emb: np.ndarray, y: np.ndarray, centro
     other = d.copy()
     other[np.arange(n), y] = np.inf
     impostor = other.min(axis=1)
-    top = probs.max(axis=1)
-    min_prob = min(float(np.quantile(top, target_frr / 2)), 0.5)
+    top = np.sort(probs.max(axis=1))
     allowed = int(np.floor(target_frr * n + 1e-9))
+    # at most half the budget below min_prob: the (allowed // 2)-th lowest probability, so
+    # no more faces than that fall under it (a quantile would interpolate above one)
+    min_prob = min(float(top[allowed // 2]), 0.5)
     dk = np.sort(_nearest_acceptable(probs, d, min_prob))
     t = float(dk[n - 1 - allowed]) if allowed < n else 0.0
     if not np.isfinite(t):   # min_prob alone spends the budget: keep it, accept every remaining face

@@ -108,8 +108,13 @@ def test_report_has_validation_baselines_intervals_and_the_open_set(small_identi
     for needle in ("tasks at a glance", "validation and head selection", "Head chosen:", "95 % CI",
                    "chance", "majority class", "identity: open set", "known test faces rejected",
                    "strangers accepted as someone", 'alt="learning curves"', 'alt="distance histogram"',
-                   'alt="ROC"', 'alt="confusion matrix"', "most confident mistakes"):
+                   'alt="ROC"', 'alt="confusion matrix"', "most confident mistakes",
+                   "identity: what the known-rejection budget buys", "(used)"):
         assert needle in text, needle
+    # the calibration spends the --target-frr budget on validation (within one face of it)
+    c = outcome.metrics["open_set"]["identity"]
+    n_val = outcome.metrics["split"]["val"]
+    assert c["target_frr"] - 1 / n_val <= c["val_known_reject"] <= c["target_frr"] + 1e-9, (c, n_val)
     assert page.count("data:image/png;base64,") >= 6
     # readable: no raw dicts, no unrounded floats in the text
     assert "{'" not in text and not re.search(r"\d\.\d{5,}", text), re.findall(r"[^>]{0,40}\d\.\d{5,}", text)
