@@ -206,49 +206,63 @@ def _rows_of(faces: Faces, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 class LabelLog:
-    """The labels log as this replica knows it: files read once each, replayed on change."""
+    """The labels log as this replica knows it: files read once each (``refresh``: listed
+    ones; ``add``: this replica's own), replayed when asked and changed (``replayed``)."""
 
     def __init__(self, uri: str | None, refresh_s: float = 1.0) -> None:
         self.uri, self.refresh_s = uri, refresh_s
         self._seen: set[str] = set()
         self._parts: list[pa.Table] = []
+        self._lock = threading.Lock()       # guards _parts / _seen / files
         self._checked = -1e9
-        self.state = labels.replay(labels.SCHEMA.empty_table())
-        self.version = 0
+        self.files = 0                      # files known: a view is current when built from all of them
+        self._state = (0, labels.replay(labels.SCHEMA.empty_table()))
 
-    def refresh(self, force: bool = False) -> bool:
-        """Read files new since the last look (every ``refresh_s`` at most unless forced);
-        True when the state changed."""
+    def refresh(self, force: bool = False) -> None:
+        """Read files new since the last look (every ``refresh_s`` at most unless forced)."""
         if not self.uri or (not force and time.monotonic() - self._checked < self.refresh_s):
-            return False
+            return
         self._checked = time.monotonic()
         fs, files = labels.log_files(self.uri)
-        new = [f for f in files if f not in self._seen]
-        if not new:
-            return False
+        with self._lock:
+            new = [f for f in files if f not in self._seen]
         for path in new:
             try:
-                t = pq.read_table(path, filesystem=fs)
-                self._parts.append(t.select(labels.SCHEMA.names).cast(labels.SCHEMA))
+                t = pq.read_table(path, filesystem=fs).select(labels.SCHEMA.names).cast(labels.SCHEMA)
             except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
                 raise labels.LabelsError(f"labels log {self.uri}: cannot read {path.rsplit('/', 1)[-1]}: {exc}") from exc
-            self._seen.add(path)
-        self._replay()
-        return True
+            self._take(path, t)
 
-    def add(self, path: str, rows: pa.Table) -> None:
-        """This replica's own new file, known without listing or reading it back."""
-        self._parts.append(labels.validate(rows))
-        self._seen.add(path)
-        self._replay()
+    def add(self, path: str, rows: pa.Table) -> int:
+        """This replica's own new file, known without listing or reading it back; the number
+        of files known with it (a view built from that many shows it)."""
+        return self._take(path, labels.validate(rows))
 
-    def _replay(self) -> None:
-        log = pa.concat_tables(self._parts)
-        self._parts = [log]
-        # replay order as labels.read: `at`, then file order (the names sort by time), then row
+    def _take(self, path: str, rows: pa.Table) -> int:
+        with self._lock:
+            if path not in self._seen:
+                self._seen.add(path)
+                self._parts.append(rows)
+                self.files += 1
+            return self.files
+
+    def replayed(self) -> tuple[int, labels.LabelState]:
+        """(files, state): every file known so far, replayed in ``at`` order (as ``labels.read``:
+        then file order, then row)."""
+        with self._lock:
+            files, parts = self.files, list(self._parts)
+        if files == self._state[0]:
+            return self._state
+        log = pa.concat_tables(parts) if parts else labels.SCHEMA.empty_table()
+        with self._lock:
+            self._parts = [log] + self._parts[len(parts):]
         log = log.take(pa.array(np.argsort(log.column("at").cast(pa.int64()).to_numpy(), kind="stable")))
-        self.state = labels.replay(log)
-        self.version += 1
+        self._state = (files, labels.replay(log))
+        return self._state
+
+    @property
+    def state(self) -> labels.LabelState:
+        return self._state[1]
 
 
 class Review:
@@ -257,9 +271,10 @@ class Review:
     def __init__(self, faces: Faces, labels_uri: str | None, refresh_s: float = 1.0) -> None:
         self.faces = faces
         self.log = LabelLog(labels_uri, refresh_s)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # one view rebuild at a time
         self.log.refresh(force=True)
-        self._view = build_view(faces, self.log.state, self.log.version)
+        files, state = self.log.replayed()
+        self._view = build_view(faces, state, files)
 
     @classmethod
     def load(cls, table_uri: str, people_uri: str, labels_uri: str | None, refresh_s: float = 1.0) -> "Review":
@@ -267,17 +282,22 @@ class Review:
 
     # ------------------------------------------------------------ state
 
-    def view(self, force: bool = False) -> View:
+    def view(self, force: bool = False, files: int = 0) -> View:
         """The current view (the log re-listed when ``refresh_s`` has passed, or ``force``).
         A read that finds another request rebuilding gets the view before that rebuild rather
-        than waiting (~0.3 s at 10^5 faces); acts (``force``) always wait for the newest."""
-        if not force and not self._lock.acquire(blocking=False):
+        than waiting; ``files``: wait for a view built from at least that many log files (an
+        act's answer shows the act; acts queued behind one rebuild share the next one)."""
+        if not force and not files and not self._lock.acquire(blocking=False):
             return self._view
-        if force:
+        if force or files:
             self._lock.acquire()
         try:
-            if self.log.refresh(force) or self._view.version != self.log.version:
-                self._view = build_view(self.faces, self.log.state, self.log.version)
+            if files and self._view.version >= files:
+                return self._view  # another act's rebuild already shows this one
+            self.log.refresh(force)
+            if self._view.version != self.log.files:
+                n, state = self.log.replayed()
+                self._view = build_view(self.faces, state, n)
             return self._view
         finally:
             self._lock.release()
@@ -403,9 +423,7 @@ class Review:
             return {"written": 0, "labels_file": None}
         table = pa.concat_tables(rows)
         path = labels.append(self.log.uri, table)
-        with self._lock:  # the act's answer comes after the view that shows it
-            self.log.add(path, table)
-            self._view = build_view(self.faces, self.log.state, self.log.version)
+        self.view(files=self.log.add(path, table))  # the act's answer comes with a view that shows it
         return {"written": table.num_rows, "labels_file": path}
 
     def name_person(self, name: str, person: str | None = None, current: str | None = None,

@@ -321,6 +321,12 @@ def test_routes_give_4xx_with_a_reason(endpoint):
     r = http.post("/v1/review/merge", json={"people": [{"person": p["person"]} for p in two]})
     assert r.status_code == 400 and "needs a name" in r.json()["error"]
     assert endpoint["http"].get("/review/nope.js").status_code == 404
+    spec = http.get("/openapi.json").json()  # documented at /docs, with their response models
+    for route in ("/v1/review/people", "/v1/review/person", "/v1/review/name", "/v1/review/merge",
+                  "/v1/review/decide", "/v1/review/forget", "/v1/review/suggestions", "/v1/review/progress",
+                  "/v1/review/names", "/v1/faces/thumbnail"):
+        assert route in spec["paths"], route
+    assert "ReviewPeopleOut" in spec["components"]["schemas"] and "/review" not in spec["paths"]
     assert httpx.get(endpoint["url"] + "/review").status_code == 200  # the page itself is open; /v1 is not
 
 
