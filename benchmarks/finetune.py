@@ -1,7 +1,7 @@
 """Built-in network vs frozen heads vs ``--finetune last`` vs ``all`` vs what the trainer
 ships, on the same split, seed and test faces.
 
-    python benchmarks/finetune.py [--sets fer20,fer,utk] [--epochs 10] [--workers 2] [--num-cpus N]
+    python benchmarks/finetune.py [--sets fer20,fer,utk] [--epochs 10] [--workers 2] [--num-cpus N] [--cache DIR]
 
 Sets (../shared/data/attributes): ``fer20`` FER2013 with 20 training photos per class (the
 split's test share raised so the rest are test faces), ``fer`` the whole FER2013 set
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--cache", help="embedding cache folder to reuse (default: a fresh one)")
     args = ap.parse_args()
     header("built-in vs frozen vs --finetune last vs all vs shipped (same split, seed, test faces)")
     from pipeline.runtime import init_ray
@@ -99,7 +100,7 @@ def main() -> None:
     init_ray(None, args.num_cpus)
     root = data_dir() / "attributes"
     work = Path(tempfile.mkdtemp(prefix="faceray-finetune-"))
-    cache = str(work / "cache")
+    cache = args.cache or str(work / "cache")
     quiet = lambda *_: None  # noqa: E731
     for name in args.sets.split(","):
         folder, layout, tasks, val_frac, test_frac, _ = SETS[name]

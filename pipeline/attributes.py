@@ -497,6 +497,12 @@ def last_stage(task: str, net: nn.Module) -> list[nn.Module]:
     return [net.blocks[-1]]
 
 
+def output_modules(task: str, net: nn.Module) -> list[nn.Module]:
+    """A network's output layer: not on the path of its features, so fine-tuning freezes it
+    (a head replaces it; DDP refuses parameters that get no gradient)."""
+    return [net.fc] if task == "age" else [net.fc2] if task == "gender" else [net.head]
+
+
 def network_features(task: str, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """A network's feature sets (``FEATURE_NETWORK``) for its normalised input ``x``."""
     if task == "emotion":

@@ -292,3 +292,30 @@ def _chips(folder, rows) -> np.ndarray:
     return np.concatenate([analyse_photo((folder / os.path.basename(u)).read_bytes(), detector,
                                          settings.max_pixels).chips[[i]]
                            for u, i in zip(rows.column("image_uri").to_pylist(), rows.column("face_index").to_pylist())])
+
+
+@pytest.mark.parametrize("mode", ["last", "all"])
+def test_every_trainable_parameter_gets_a_gradient(mode, data_dir):
+    """DDP refuses a parameter that gets no gradient: with heads on every attribute feature
+    set and the embedding, one backward reaches every parameter fine-tuning trains (the
+    networks' output layers, which no head reads through, stay frozen)."""
+    from pipeline.attributes import load_networks
+    from pipeline.backbone import load_backbone
+    from pipeline.heads import TaskSpec
+    from pipeline.training.ddp import MultiHead
+    from pipeline.training.finetune import TunedNet
+
+    specs = [TaskSpec(f"t_{f}", "classification", ["a", "b"], features=f)
+             for f in ("identity", "age", "gender", "emotion", "emotion_taps")]
+    heads = MultiHead(specs, {s.name: ["linear" if s.features == "identity" else f"linear+{s.features}"]
+                              for s in specs})
+    nets = load_networks()
+    net = TunedNet(load_backbone()[0].train(), heads, mode, {k: nets[k].train() for k in ("age", "gender", "emotion")})
+    chips = torch.randint(0, 256, (4, 3, 128, 128)).float()
+    sum(o.sum() for o in net(chips).values()).backward()
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert {"attributes.emotion.head.weight", "attributes.age.fc.weight", "attributes.gender.fc2.weight"} <= frozen
+    if mode == "last":
+        assert "backbone.stem.weight" in frozen and "attributes.emotion.c1.weight" in frozen

@@ -60,7 +60,7 @@ class TunedNet(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module | None, heads: MultiHead, mode: str,
                  attributes: dict[str, torch.nn.Module] | None = None) -> None:
         super().__init__()
-        from pipeline.attributes import last_stage
+        from pipeline.attributes import last_stage, output_modules
         from pipeline.backbone import LAST_STAGE
 
         self.backbone, self.heads = backbone, heads
@@ -78,6 +78,10 @@ class TunedNet(torch.nn.Module):
                 for m in last_stage(task, net):
                     for p in m.parameters():
                         p.requires_grad_(True)
+        for task, net in self.attributes.items():   # the output layer: off the features' path
+            for m in output_modules(task, net):
+                for p in m.parameters():
+                    p.requires_grad_(False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Network input (``embed.net_input``) → unit embeddings, as ``Embedder`` makes them."""
