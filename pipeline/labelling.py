@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import labels, stopping, storage
-from pipeline.contract import ATTRIBUTE_TASKS, CLASSIFICATION, UNKNOWN, UsageError
+from pipeline.contract import ATTRIBUTE_TASKS, CLASSIFICATION, REGRESSION, UNKNOWN, UsageError
 
 STAGING = "_label_table-"
 
@@ -86,14 +86,21 @@ def frozen_bundle(model_uri: str, columns: list[str]):
     return bundle
 
 
-def output_tasks(columns: list[str], bundle) -> list[tuple[str, str]]:  # noqa: ANN001
-    """The task columns of the labelled table: the table's built-in attributes (unless a
-    bundle task replaces them), then the bundle's tasks (prediction-table rule,
-    ``predict.table_tasks``)."""
+def output_tasks(schema: pa.Schema, bundle) -> list[tuple[str, str]]:  # noqa: ANN001
+    """The task columns of the labelled table.  With a bundle: the table's built-in
+    attributes (unless a bundle task replaces them), then the bundle's tasks
+    (``predict.table_tasks``, the prediction table's rule; an older model's columns go with
+    its ``model_version``).  Without: the table's own task columns, as they are."""
     from pipeline.predict import table_tasks
+    from pipeline.table import BASE_FIELDS, VIDEO_FIELDS
 
-    builtin = all(n in columns for n, _ in ATTRIBUTE_TASKS)
-    return table_tasks(builtin, bundle.tasks if bundle is not None else ())
+    columns = schema.names
+    if bundle is not None:
+        builtin = all(n in columns for n, _ in ATTRIBUTE_TASKS)
+        return table_tasks(builtin, bundle.tasks)
+    fixed = {f.name for f in (*BASE_FIELDS, *VIDEO_FIELDS)} | {"model_version", "person", "name"}
+    return [(c, CLASSIFICATION if pa.types.is_string(schema.field(c).type) else REGRESSION) for c in columns
+            if c not in fixed and not c.endswith("_score") and f"{c}_score" in columns]
 
 
 # ------------------------------------------------------------------ one part, in a task
@@ -327,13 +334,14 @@ def prepare(table_uri: str, output_uri: str, people_uri: str | None = None, labe
     fs, files = storage.table_files(table_uri)
     if not files:
         raise LabelTableError(f"--table {table_uri}: no Parquet files (is it a score_directory.py output?)")
-    columns = pq.read_schema(files[0], filesystem=fs).names
+    schema = pq.read_schema(files[0], filesystem=fs)
+    columns = schema.names
     if "embedding" not in columns or "face_index" not in columns:
         raise LabelTableError(f"--table {table_uri}: not a prediction table (no embedding/face_index column)")
     if _same_place(table_uri, output_uri):
         raise LabelTableError("--output must differ from --table (the prediction table stays as score_directory wrote it)")
     bundle = frozen_bundle(model_uri, columns) if model_uri else None
-    tasks = output_tasks(columns, bundle)
+    tasks = output_tasks(schema, bundle)
     if bundle is not None:
         log(f"model {model_uri}: version {bundle.model_version}, tasks {[t for t, _ in bundle.tasks]}")
     state = labels.load(labels_uri)
