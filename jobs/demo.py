@@ -108,7 +108,8 @@ def _demo(args: argparse.Namespace) -> int:
     here = Path.cwd()
     rel = lambda p: p.relative_to(here) if p.is_relative_to(here) else p  # noqa: E731
     print(f"\nname the people in a browser (the review page; names go to the labels log {rel(kept / 'labels')}):\n"
-          f"  .venv/bin/python jobs/serve_api.py --table {rel(kept / 'predictions')} --people {rel(kept / 'people')} "
+          f"  {rel(Path(sys.executable))} {rel(Path(__file__).resolve().parent / 'serve_api.py')} "
+          f"--table {rel(kept / 'predictions')} --people {rel(kept / 'people')} "
           f"--labels {rel(kept / 'labels')} --port 8000\n"
           f"  then open http://127.0.0.1:8000/review")
     return 0
