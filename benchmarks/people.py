@@ -193,28 +193,46 @@ def synthesise(x_real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, n
 
 
 class PeakRss:
-    """Peak RSS of a process tree, sampled every 0.2 s: the whole tree, its root (the
+    """Peak RSS of a process tree, sampled every 0.5 s from /proc: the whole tree, its root (the
     driver) and the largest single process (Ray workers count the object store pages they
     touch)."""
 
     def __init__(self, pid: int | None = None) -> None:
-        import psutil
-        self.proc = psutil.Process(pid)
+        self.pid = pid or os.getpid()
         self.peak = self.driver = self.single = 0
         self.stop = False
 
-    def _sample(self) -> None:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                rss = p.memory_info().rss
-            except Exception:
+    @staticmethod
+    def _tree(root: int) -> dict[int, int]:
+        """RSS (bytes) of ``root`` and every descendant, from /proc (no psutil here)."""
+        parent, rss = {}, {}
+        page = os.sysconf("SC_PAGE_SIZE")
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
                 continue
-            total += rss
-            self.single = max(self.single, rss)
-            if p.pid == self.proc.pid:
-                self.driver = max(self.driver, rss)
-        self.peak = max(self.peak, total)
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                parent[int(d)] = int(fields[1])
+                rss[int(d)] = int(fields[21]) * page
+            except (OSError, IndexError, ValueError):
+                continue
+        tree, todo = {}, [root]
+        children: dict[int, list[int]] = {}
+        for c, p in parent.items():
+            children.setdefault(p, []).append(c)
+        while todo:
+            p = todo.pop()
+            if p in rss:
+                tree[p] = rss[p]
+            todo.extend(children.get(p, []))
+        return tree
+
+    def _sample(self) -> None:
+        tree = self._tree(self.pid)
+        self.peak = max(self.peak, sum(tree.values()))
+        self.single = max([self.single, *tree.values()])
+        self.driver = max(self.driver, tree.get(self.pid, 0))
 
     def __enter__(self):
         def run():
@@ -223,7 +241,7 @@ class PeakRss:
                     self._sample()
                 except Exception:
                     pass
-                time.sleep(0.2)
+                time.sleep(0.5)
         self.t = threading.Thread(target=run, daemon=True)
         self.t.start()
         return self

@@ -41,8 +41,11 @@ from pipeline.people.ids import person_numbers, person_strings
 from pipeline.people.output import PEOPLE_SCHEMA
 from pipeline.table import embedding_matrix
 
-BATCH_NODES = 200_000     # faces per clustering task (whole components)
+BATCH_NODES = 50_000      # faces per clustering task (whole components): small enough to keep every CPU busy
 CAP = 20_000              # a component over this many faces is re-split before Infomap
+SPLIT_STEP = 0.005         # threshold step inside a component over the cap
+TRIALS = 1                # Infomap trials per batch (igraph's default 10 cost 10× for no F here: README)
+NPROBE = 16               # IVF lists probed per face for the graph: edges are near pairs, found early
 FAN_IN = 8                # forests merged per components task
 RETRIES = 3               # a task whose worker dies is run again (every task is idempotent)
 
@@ -173,17 +176,30 @@ def _forest(*edges: tuple) -> tuple[np.ndarray, np.ndarray]:
     return nodes, root[comp]
 
 
-def _plan(forest: tuple, batch_nodes: int, bounds: np.ndarray) -> tuple:
-    """(nodes, batch of each node), and small facts: batches, components, largest, linked per shard."""
+def _plan(forest: tuple, batch_nodes: int, bounds: np.ndarray, cap: int) -> tuple:
+    """(nodes, batch of each node), small facts (batches, components, largest, linked per
+    shard) and the nodes of components over ``cap`` (sorted)."""
     nodes, root = forest
     _, comp, sizes = np.unique(root, return_inverse=True, return_counts=True)
+    big_nodes = nodes[(sizes > cap)[comp]] if len(sizes) else nodes
     batch_of = np.zeros(len(sizes), np.int64)
     if len(sizes):
         batch_of = np.unique((np.cumsum(sizes) - sizes) // batch_nodes, return_inverse=True)[1]
     linked = np.diff(np.searchsorted(nodes, bounds))
     facts = {"batches": int(batch_of.max()) + 1 if len(sizes) else 0, "components": len(sizes),
              "largest": int(sizes.max()) if len(sizes) else 0, "linked": linked}
-    return (nodes, batch_of[comp]), facts
+    return (nodes, batch_of[comp]), facts, big_nodes
+
+
+def _raise(edges: tuple, big_nodes: np.ndarray, threshold: float) -> tuple:
+    """An edge shard without the edges under ``threshold`` inside the components over the cap
+    (both ends of an edge are in one component: its first end tells)."""
+    a, w = edges[0], edges[2]
+    pos = np.searchsorted(big_nodes, a)
+    inside = (pos < len(big_nodes)) & (big_nodes[np.minimum(pos, max(len(big_nodes) - 1, 0))] == a) \
+        if len(big_nodes) else np.zeros(len(a), bool)
+    keep = ~(inside & (w < threshold))
+    return tuple(v[keep] for v in edges)
 
 
 def _split_edges(edges: tuple, plan: tuple, n_batches: int) -> list[tuple]:
@@ -196,7 +212,8 @@ def _split_edges(edges: tuple, plan: tuple, n_batches: int) -> list[tuple]:
 
 
 # ---------------------------------------------------------------- 5. clustering
-def _cluster_batch(cap: int, threshold: float, rule: str, crash_marker: str | None, *pieces: tuple) -> tuple:
+def _cluster_batch(cap: int, threshold: float, rule: str, trials: int, crash_marker: str | None,
+                   *pieces: tuple) -> tuple:
     """(rows, local person) and (sizes, first rows) of one batch of whole components:
     big components re-split (``split_big``), then Infomap (igraph)."""
     if crash_marker and not os.path.exists(crash_marker):   # tests: a worker that dies mid-task
@@ -206,20 +223,33 @@ def _cluster_batch(cap: int, threshold: float, rule: str, crash_marker: str | No
     rows, inv = np.unique(np.r_[a, b], return_inverse=True)
     la, lb = inv[:len(a)], inv[len(a):]
     keep = split_big(len(rows), la, lb, w, cap, threshold)
-    labels = _infomap(len(rows), la[keep], lb[keep], w[keep])
+    labels = _infomap(len(rows), la[keep], lb[keep], w[keep], trials)
     sizes = np.bincount(labels)
     first_row = np.full(len(sizes), np.iinfo(np.int64).max)
     np.minimum.at(first_row, labels, rows)
     return (rows, labels), (sizes, first_row)
 
 
-def _infomap(n: int, a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Infomap communities (igraph), numbered 0..P-1; a node with no edge left is its own."""
+def _infomap(n: int, a: np.ndarray, b: np.ndarray, w: np.ndarray, trials: int = TRIALS) -> np.ndarray:
+    """Infomap communities (igraph), numbered 0..P-1; a node with no edge left is its own.
+    Components of 1–2 nodes are people as they are (Infomap has nothing to cut there)."""
     import igraph as ig
 
-    random.seed(0)  # python-igraph draws from Python's random: same input, same people
-    g = ig.Graph(n=n, edges=np.stack([a, b], 1).tolist())
-    memb = np.asarray(g.community_infomap(edge_weights=list(map(float, w))).membership, np.int64)
+    from pipeline.people.clustering import components
+
+    comp = components(n, a, b)
+    sizes = np.bincount(comp, minlength=n)
+    big = sizes[comp] >= 3
+    memb = comp.copy()
+    if big.any():
+        nodes = np.flatnonzero(big)
+        local = np.full(n, -1, np.int64)
+        local[nodes] = np.arange(len(nodes))
+        e = big[a]
+        random.seed(0)  # python-igraph draws from Python's random: same input, same people
+        g = ig.Graph(n=len(nodes), edges=np.stack([local[a[e]], local[b[e]]], 1).tolist())
+        m = np.asarray(g.community_infomap(edge_weights=list(map(float, w[e])), trials=trials).membership, np.int64)
+        memb[nodes] = n + m
     return np.unique(memb, return_inverse=True)[1]
 
 
@@ -312,7 +342,7 @@ class Written:
 
 def cluster_shards(table_uri: str, output_uri: str, resume: bool, threshold: float, k: int, min_link_px: float,
             rule: str = "fixed", cap: int = CAP, batch_nodes: int = BATCH_NODES, crash_marker: str | None = None,
-            log: Callable[[str], None] = print) -> Clustered:
+            trials: int = TRIALS, nprobe: int | None = NPROBE, log: Callable[[str], None] = print) -> Clustered:
     """Person numbers of every face of a table, every step a Ray task (module docstring)."""
     import ray
 
@@ -356,21 +386,31 @@ def cluster_shards(table_uri: str, output_uri: str, resume: bool, threshold: flo
 
     t1 = time.monotonic()
     edge_refs, knn_note = topk_refs(xs, todos, bounds, k + 1,
-                                    partial(shard_edges, threshold=threshold, rule=rule))
+                                    partial(shard_edges, threshold=threshold, rule=rule), nprobe=nprobe)
     n_edges = int(sum(ray.get([_remote(_count_edges).remote(e) for e in edge_refs])))
     seconds["kNN+edges"] = time.monotonic() - t1
     log(f"[kNN] {knn_note}; {n_edges} edges ({rule} rule, cos ≥ {threshold}): {seconds['kNN+edges']:.1f} s")
 
     t1 = time.monotonic()
-    merge = _remote(_merge_forests)
-    level = [_remote(_forest).remote(e) for e in edge_refs]
-    while len(level) > 1:
-        level = [merge.remote(*level[i:i + FAN_IN]) for i in range(0, len(level), FAN_IN)]
-    plan, facts = _remote(_plan, 2).remote(level[0], batch_nodes, bounds)
-    facts = ray.get(facts)
+    merge, plan_task, raise_task = _remote(_merge_forests), _remote(_plan, 3), _remote(_raise)
+    th, rounds, first_largest = threshold, 0, None
+    while True:   # components; over the cap: raise the threshold inside them, again (no task gets one whole)
+        level = [_remote(_forest).remote(e) for e in edge_refs]
+        while len(level) > 1:
+            level = [merge.remote(*level[i:i + FAN_IN]) for i in range(0, len(level), FAN_IN)]
+        plan, facts, big = plan_task.remote(level[0], batch_nodes, bounds, cap)
+        facts = ray.get(facts)
+        first_largest = facts["largest"] if first_largest is None else first_largest
+        if facts["largest"] <= cap or th > 1.0:
+            break
+        th, rounds = th + SPLIT_STEP, rounds + 1
+        edge_refs = [raise_task.remote(e, big, th) for e in edge_refs]
+    facts["first_largest"], facts["rounds"], facts["split_threshold"] = first_largest, rounds, th
     n_batches = facts["batches"]
     seconds["components"] = time.monotonic() - t1
-    log(f"[components] {facts['components']} components of 2+ faces (largest {facts['largest']}), "
+    log(f"[components] {facts['components']} components of 2+ faces (largest {first_largest}"
+        + (f"; over the cap of {cap}: re-split in {rounds} round(s) up to cos {th:.3f}, now {facts['largest']}"
+           if rounds else "") + "), "
         f"{n_batches} clustering batch(es): {seconds['components']:.1f} s")
 
     t1 = time.monotonic()
@@ -381,7 +421,7 @@ def cluster_shards(table_uri: str, output_uri: str, resume: bool, threshold: flo
         pieces = [p if n_batches > 1 else [p] for p in pieces]
         task = _remote(_cluster_batch, 2)
         for bi in range(n_batches):
-            assign, summ = task.remote(cap, threshold, rule, crash_marker, *[p[bi] for p in pieces])
+            assign, summ = task.remote(cap, threshold, rule, trials, crash_marker, *[p[bi] for p in pieces])
             results.append(assign)
             summaries.append(summ)
         summaries = ray.get(summaries)
@@ -414,7 +454,7 @@ def cluster_shards(table_uri: str, output_uri: str, resume: bool, threshold: flo
         f"{seconds['clustering']:.1f} s")
 
     return Clustered(keys, xs, nums, bounds, n, kept, joined, new_people if kept else 0, int(small_n.sum()),
-                     n_edges, facts["components"], facts["largest"], seconds)
+                     n_edges, facts["components"], first_largest, seconds)
 
 
 def write_shards(c: Clustered, output_uri: str, run_id: str, sheet_people: int = 40, per_person: int = 8,
