@@ -424,7 +424,8 @@ class Review:
         table = pa.concat_tables(rows)
         path = labels.append(self.log.uri, table)
         self.view(files=self.log.add(path, table))  # the act's answer comes with a view that shows it
-        return {"written": table.num_rows, "labels_file": path}
+        shown = f"s3://{path}" if self.log.uri.startswith("s3://") else path
+        return {"written": table.num_rows, "labels_file": shown}
 
     def name_person(self, name: str, person: str | None = None, current: str | None = None,
                     author: str | None = None) -> dict[str, Any]:
