@@ -200,12 +200,20 @@ class PeakRss:
     def __init__(self, pid: int | None = None) -> None:
         self.pid = pid or os.getpid()
         self.peak = self.driver = self.single = 0
+        self.cpu: dict[int, float] = {}   # CPU seconds (user + sys) last seen per process of the tree
         self.stop = False
 
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time the job used, whatever else loads the machine (wall time on a shared
+        2-core machine says more about the neighbours)."""
+        return sum(self.cpu.values())
+
     @staticmethod
-    def _tree(root: int) -> dict[int, int]:
-        """RSS (bytes) of ``root`` and every descendant, from /proc (no psutil here)."""
+    def _tree(root: int) -> dict[int, tuple[int, float]]:
+        """(RSS bytes, CPU seconds) of ``root`` and every descendant, from /proc (no psutil here)."""
         parent, rss = {}, {}
+        tick = os.sysconf("SC_CLK_TCK")
         page = os.sysconf("SC_PAGE_SIZE")
         for d in os.listdir("/proc"):
             if not d.isdigit():
@@ -214,7 +222,7 @@ class PeakRss:
                 with open(f"/proc/{d}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 parent[int(d)] = int(fields[1])
-                rss[int(d)] = int(fields[21]) * page
+                rss[int(d)] = (int(fields[21]) * page, (int(fields[11]) + int(fields[12])) / tick)
             except (OSError, IndexError, ValueError):
                 continue
         tree, todo = {}, [root]
@@ -230,9 +238,12 @@ class PeakRss:
 
     def _sample(self) -> None:
         tree = self._tree(self.pid)
-        self.peak = max(self.peak, sum(tree.values()))
-        self.single = max([self.single, *tree.values()])
-        self.driver = max(self.driver, tree.get(self.pid, 0))
+        mem = {p: v[0] for p, v in tree.items()}
+        self.peak = max(self.peak, sum(mem.values()))
+        self.single = max([self.single, *mem.values()])
+        self.driver = max(self.driver, mem.get(self.pid, 0))
+        for p, (_, cpu) in tree.items():
+            self.cpu[p] = max(self.cpu.get(p, 0.0), cpu)
 
     def __enter__(self):
         def run():
@@ -299,6 +310,7 @@ def scale(x_real: np.ndarray, sizes: list[int], rule: str, work: Path) -> None:
         person = pred.person.to_numpy()[truth[sub]]
         p, r, f = bcubed(lab[sub], person)
         print(f"N={n}: wall {wall:.1f} s (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
+              f"CPU {mem.cpu_seconds:.0f} s (≈ {mem.cpu_seconds / 2:.0f} s wall on 2 idle cores), "
               f"peak RSS: driver {mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB, "
               f"all {mem.peak / 2**30:.2f} GiB; people {pred.person.nunique()} vs {lab.max() + 1} true; "
               f"BCubed P {p:.4f} R {r:.4f} F {f:.4f}")

@@ -373,3 +373,39 @@ def test_bad_input_one_line_exit_2_nothing_written(named, tmp_path, capsys):
 
 def storage_files(path: Path) -> list[str]:
     return [p.name for p in path.rglob("*.parquet")] if path.exists() else []
+
+
+def test_label_table_and_forget_on_s3(ray_cluster, local_s3, tmp_path):
+    """The whole job against a real S3 server: table, log and output under s3:// prefixes."""
+    from pipeline import storage
+    from pipeline.table import prediction_schema
+
+    local_s3.create_bucket("names-test")
+    schema = prediction_schema()
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(6, 128)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    cols = {f.name: pa.nulls(6, f.type) for f in schema}
+    cols.update(image_uri=pa.array([f"s3://names-test/photos/{i // 2}.jpg" for i in range(6)]),
+                status=pa.array(["ok"] * 6), face_count=pa.array([2] * 6, pa.int32()),
+                face_index=pa.array([i % 2 for i in range(6)], pa.int32()),
+                embedding=pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 128).cast(
+                    schema.field("embedding").type))
+    fs, _ = storage.resolve("s3://names-test/table")
+    storage.put_parquet(fs, "names-test/table/part-0.parquet", pa.Table.from_pydict(cols, schema=schema))
+    log = "s3://names-test/labels"
+    labels.append(log, labels.decisions("name", "Ada", [("s3://names-test/photos/0.jpg", 1)]))
+    ok("label_table", "--table", "s3://names-test/table", "--labels", log, "--output", "s3://names-test/labelled")
+    ok("label_table", "--table", "s3://names-test/table", "--labels", log, "--output", "s3://names-test/labelled")
+    _, files = storage.table_files("s3://names-test/labelled")
+    assert len(files) == 1                                        # the second run replaced the first
+    t = pq.read_table(files[0], filesystem=fs).to_pandas()
+    assert t.name.fillna("-").tolist() == ["-", "Ada", "-", "-", "-", "-"]
+    text = ok("label_table", "--forget", "Ada", "--labels", log, "--table", "s3://names-test/table",
+              "--output", "s3://names-test/labelled")
+    assert "1 rows cleared" in text
+    for uri in ("s3://names-test/table", "s3://names-test/labelled"):
+        _, files = storage.table_files(uri)
+        t = pq.read_table(files[0], filesystem=fs).to_pandas()
+        assert len(t) == 6 and t.embedding.isna().tolist() == [False, True, False, False, False, False]
+    assert labels.load(log).forgotten == {"Ada"}
