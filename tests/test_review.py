@@ -94,9 +94,12 @@ def browser(endpoint):
 # ---------------------------------------------------------------- helpers
 
 def wait(driver, cond, timeout: float = WAIT_S):
+    """Until ``cond`` holds; an element the page re-rendered meanwhile is looked up again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(cond)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=[StaleElementReferenceException]).until(cond)
 
 
 def log(endpoint) -> pd.DataFrame:
