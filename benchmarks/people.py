@@ -151,45 +151,64 @@ def search(x: np.ndarray, df: pd.DataFrame) -> None:
           f"precision@5 {hit.mean():.4f}, top-1 {hit[:, 0].mean():.4f}")
 
 
+class Synthetic:
+    """Unit faces of synthetic people: centres from the real embeddings' distribution, faces =
+    centre + noise, both scales fitted so that same-person and different-person cosines
+    match the measured LFW means (0.949 / 0.833)."""
+
+    def __init__(self, x_real: np.ndarray, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.mu = x_real.mean(0)
+        self.cov_l = np.linalg.cholesky(np.cov(x_real.T) + 1e-6 * np.eye(128)).astype(np.float32)
+
+        def bisect(fn, target, lo=-8.0, hi=4.0):   # fn(log scale) decreases with the scale
+            for _ in range(18):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if fn(mid) > target else (lo, mid)
+            return np.exp((lo + hi) / 2)
+
+        def sb_for(sw):
+            return bisect(lambda lb: self.pair_stats(np.exp(lb), sw)[1].mean(), people.DIFF_COS[0])
+
+        self.sw = bisect(lambda lw: self.pair_stats(sb_for(np.exp(lw)), np.exp(lw))[0].mean(), people.SAME_COS[0])
+        self.sb = sb_for(self.sw)
+
+    def _noise(self, m: int) -> np.ndarray:
+        return self.rng.standard_normal((m, 128)).astype(np.float32) @ self.cov_l.T
+
+    def centres(self, m: int, sb: float | None = None) -> np.ndarray:
+        return self.mu + (self.sb if sb is None else sb) * self._noise(m)
+
+    def faces(self, centres: np.ndarray, lab: np.ndarray, sw: float | None = None) -> np.ndarray:
+        f = centres[lab] + (self.sw if sw is None else sw) * self._noise(len(lab))
+        return (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
+
+    def pair_stats(self, sb: float, sw: float, m: int = 600) -> tuple[np.ndarray, np.ndarray]:
+        """Same-person and different-person cosines of m pairs at these scales."""
+        f = self.faces(self.centres(m, sb), np.repeat(np.arange(m), 2), sw)
+        return (f[0::2] * f[1::2]).sum(1), (f[0::2] * np.roll(f[1::2], 1, 0)).sum(1)
+
+    def sizes(self, n: int) -> np.ndarray:
+        """People sizes (Zipf 1.8, ≤ 5000; the rest single faces) summing to n."""
+        sizes = np.minimum(self.rng.zipf(1.8, size=n), 5000)
+        sizes = sizes[np.cumsum(sizes) <= n]
+        return np.r_[sizes, np.ones(n - sizes.sum(), int)]
+
+    def describe(self, n: int, people_n: int, same: np.ndarray, diff: np.ndarray) -> str:
+        return (f"synthetic: {n} faces, {people_n} people (sizes Zipf 1.8, ≤ 5000); cos same {same.mean():.3f} ± "
+                f"{same.std():.3f}, different {diff.mean():.3f} ± {diff.std():.3f} (LFW pairs: {people.SAME_COS}, "
+                f"{people.DIFF_COS}); P(different ≥ {people.THRESHOLD}) = {(diff >= people.THRESHOLD).mean():.4f}")
+
+
 def synthesise(x_real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n unit faces of Zipf-sized people: centres from the real embeddings' distribution,
-    faces = centre + noise, both scales fitted so that same-person and different-person
-    cosines match the measured LFW means (0.949 / 0.833)."""
-    rng = np.random.default_rng(seed)
-    mu = x_real.mean(0)
-    cov_l = np.linalg.cholesky(np.cov(x_real.T) + 1e-6 * np.eye(128)).astype(np.float32)
-
-    def draw(m, sb, sw, sizes):
-        c = mu + sb * (rng.standard_normal((m, 128)).astype(np.float32) @ cov_l.T)
-        lab = np.repeat(np.arange(m), sizes)
-        f = c[lab] + sw * (rng.standard_normal((len(lab), 128)).astype(np.float32) @ cov_l.T)
-        return f / np.linalg.norm(f, axis=1, keepdims=True), lab
-
-    def stats(sb, sw, m=600):
-        f, _ = draw(m, sb, sw, np.full(m, 2))
-        same, diff = (f[0::2] * f[1::2]).sum(1), (f[0::2] * np.roll(f[1::2], 1, 0)).sum(1)
-        return same, diff
-
-    def bisect(fn, target, lo=-8.0, hi=4.0):   # fn(log scale) decreases with the scale
-        for _ in range(18):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fn(mid) > target else (lo, mid)
-        return np.exp((lo + hi) / 2)
-
-    def sb_for(sw):
-        return bisect(lambda lb: stats(np.exp(lb), sw)[1].mean(), people.DIFF_COS[0])
-
-    sw = bisect(lambda lw: stats(sb_for(np.exp(lw)), np.exp(lw))[0].mean(), people.SAME_COS[0])
-    sb = sb_for(sw)
-    same, diff = stats(sb, sw, 4000)
-    sizes = np.minimum(rng.zipf(1.8, size=n), 5000)
-    sizes = sizes[np.cumsum(sizes) <= n]
-    sizes = np.r_[sizes, np.ones(n - sizes.sum(), int)]
-    f, lab = draw(len(sizes), sb, sw, sizes)
-    print(f"synthetic: {n} faces, {len(sizes)} people (sizes Zipf 1.8, ≤ 5000); cos same {same.mean():.3f} ± "
-          f"{same.std():.3f}, different {diff.mean():.3f} ± {diff.std():.3f} (LFW pairs: {people.SAME_COS}, "
-          f"{people.DIFF_COS}); P(different ≥ {people.THRESHOLD}) = {(diff >= people.THRESHOLD).mean():.4f}")
-    return f.astype(np.float32), lab
+    """n unit faces of Zipf-sized people (``Synthetic``) and their true person."""
+    syn = Synthetic(x_real, seed)
+    same, diff = syn.pair_stats(syn.sb, syn.sw, 4000)
+    sizes = syn.sizes(n)
+    lab = np.repeat(np.arange(len(sizes)), sizes)
+    f = syn.faces(syn.centres(len(sizes)), lab)
+    print(syn.describe(n, len(sizes), same, diff))
+    return f, lab
 
 
 class PeakRss:

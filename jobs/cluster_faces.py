@@ -8,7 +8,8 @@ verification statistics, clustered by Infomap per connected component (Ray tasks
     ray job submit --working-dir . -- python jobs/cluster_faces.py --table … --output …
 
 Output: a Parquet table (image_uri, face_index, person, person_size, similarity, name) plus
-_people.json and _people.html (contact sheet of the largest people) under --output.
+_people.json, _people.html (contact sheet of the largest people) and _index/ (the search
+index serve_api.py --people loads: pipeline/people/search_index.py) under --output.
 
 --labels (fresh run and --resume alike, pipeline/people/names.py): faces named alike end in
 one person; a face marked `not X` never stays in X's person (it goes to the nearest other

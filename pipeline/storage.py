@@ -152,7 +152,8 @@ def is_hidden(path: str) -> bool:
 
 def table_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a table (a folder/prefix, or one file), sorted; side and
-    in-progress files are skipped, a missing table has none.  What every reader of a
+    in-progress files are skipped (and everything under a ``_``/``.`` folder such as a people
+    output's ``_index/``, as pyarrow's own discovery does), a missing table has none.  What every reader of a
     prediction or people table lists, so they all agree on what the table is."""
     fs, path = resolve(uri)
     try:
@@ -162,8 +163,9 @@ def table_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"cannot read {uri}: {exc}") from exc
+    root = path.rstrip("/") + "/"
     return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                      and not is_hidden(i.path))
+                      and not any(is_hidden(part) for part in i.path[len(root):].split("/")))
 
 
 def put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -284,7 +284,8 @@ class _Tables:
 @serve.deployment(max_ongoing_requests=32)
 class Predictions:
     """A batch prediction table (``user_config.table_uri``) indexed in memory: row lookups,
-    a kNN index of its faces for ``/v1/search`` (built when the table loads), and the people
+    a kNN index of its faces for ``/v1/search`` (the people output's ``_index/``, or built when a
+    small table loads), and the people
     of ``user_config.people_uri`` (a cluster_faces.py output) for ``/v1/people``; with both,
     the review page's state (``serve.review``) over ``user_config.labels_uri`` (the labels log)
     and its face thumbnails (``serve.thumbnails``)."""
@@ -306,10 +307,12 @@ class Predictions:
             from serve.lookup import PredictionIndex
 
             new.predictions = PredictionIndex.load(table_uri, embeddings=bool(config.get("embeddings", False)))
-            try:
+            try:   # the people job's _index/ when there is one, else built here for a small table
                 new.search = FaceIndex.from_uris(table_uri, people_uri)
-            except UsageError as exc:  # e.g. a table without faces: lookups still work
+                print(f"[search] {len(new.search)} faces, index {new.search.source}", flush=True)
+            except UsageError as exc:  # e.g. a table without faces, or too big to index here: lookups still work
                 new.search_error = str(exc)
+                print(f"[search] unavailable: {exc}", flush=True)
         if people_uri:
             from pipeline.people import list_people
 

@@ -29,20 +29,50 @@ def list_people(people: pa.Table | str, limit: int = 50, offset: int = 0) -> lis
                 reps.column("image_uri").to_pylist(), reps.column("face_index").to_pylist())]
 
 
+SMALL = 1_000_000   # faces a replica indexes itself when the people output has no _index/ (512 MB of floats)
+
+
 class FaceIndex:
-    """Search a table's faces by embedding (``POST /v1/search``): exact below
-    ``knn.EXACT_MAX`` faces, IVF above; ``person`` from a people table when given."""
+    """Search a table's faces by embedding (``POST /v1/search``).  The people job's index
+    (``<people>/_index/``, ``search_index.py``) when there is one; else, for a table of at
+    most ``SMALL`` faces, one built here (exact below ``knn.EXACT_MAX`` faces, IVF above)."""
 
-    def __init__(self, faces: Faces, person: pa.Array | None = None) -> None:
-        from pipeline.knn import build_index
-
-        self.image_uri = faces.image_uri
-        self.face_index = faces.face_index
+    def __init__(self, index, image_uri: pa.Array, face_index: np.ndarray, person: pa.Array | None = None,
+                 source: str = "") -> None:
+        self.index = index
+        self.image_uri = image_uri
+        self.face_index = face_index
         self.person = person
-        self.index = build_index(faces.embedding)
+        self.source = source           # where the index came from, for the replica's log
 
     @classmethod
-    def from_uris(cls, table_uri: str, people_uri: str | None = None) -> "FaceIndex":
+    def build(cls, faces: Faces, person: pa.Array | None = None) -> "FaceIndex":
+        from pipeline.knn import build_index
+
+        return cls(build_index(faces.embedding), faces.image_uri, faces.face_index, person,
+                   f"built from the table's {len(faces)} embeddings")
+
+    @classmethod
+    def from_uris(cls, table_uri: str, people_uri: str | None = None, small: int = SMALL) -> "FaceIndex":
+        """The people output's index, else one built from a small table; a big table with no
+        index is a ``PeopleError`` that says how to write one."""
+        from pipeline.people.search_index import open_index
+
+        why = "no people table configured (--people)"
+        if people_uri:
+            loaded, why = open_index(people_uri)
+            if loaded is not None:
+                k = loaded.keys
+                return cls(loaded.index, k.column("image_uri").combine_chunks(),
+                           k.column("face_index").to_numpy(zero_copy_only=False), k.column("person").combine_chunks(),
+                           f"{people_uri.rstrip('/')}/_index ({loaded.manifest['kind']}, "
+                           f"{loaded.manifest['faces']} faces)")
+        fs, files = parquet_files(table_uri)
+        rows = pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
+        if rows > small:
+            raise PeopleError(f"{table_uri}: {rows} rows, more than the {small} a replica indexes itself, and {why}: "
+                              f"run jobs/cluster_faces.py --table {table_uri} --output PEOPLE (it writes "
+                              f"PEOPLE/_index) and serve with --people PEOPLE")
         faces = read_faces(table_uri)
         person = None
         if people_uri:
@@ -51,7 +81,7 @@ class FaceIndex:
                 raise PeopleError(f"{people_uri}: no people table")
             nums = previous_numbers(faces, prev)
             person = pc.if_else(pa.array(nums > 0), person_strings(nums), pa.scalar(None, pa.string()))
-        return cls(faces, person)
+        return cls.build(faces, person)
 
     def __len__(self) -> int:
         return len(self.face_index)

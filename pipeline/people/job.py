@@ -17,6 +17,7 @@ from pipeline.people.graph import DIFF_COS, EDGE_ODDS, K, SAME_COS, THRESHOLD
 from pipeline.people.ids import person_strings
 from pipeline.people.names import NameReport, constrain, name_counts, person_name_table, renumber, with_names
 from pipeline.people.output import write_text
+from pipeline.people.search_index import write_index
 from pipeline.people.sheet import SHEET_DEADLINE_S, contact_sheet
 
 # Faces whose box is smaller than this (shorter side, photo pixels) are not linked to any
@@ -44,6 +45,7 @@ class PeopleSummary:
     threshold: float = THRESHOLD
     seconds: dict[str, float] = field(default_factory=dict)
     output: str = ""
+    index: str = ""          # the search index written beside the output (search_index.py)
 
     def lines(self) -> list[str]:
         out = [f"faces:         {self.faces}",
@@ -62,6 +64,8 @@ class PeopleSummary:
             out.append(f"thumbnails:    {self.unreadable} unreadable of {self.sheet_faces} on the contact sheet "
                        f"(grey placeholders: photo gone or its store unreachable)")
         out.append(f"output:        {self.output} (+ _people.json, _people.html)")
+        if self.index:
+            out.append(f"search index:  {self.index}")
         return out
 
 
@@ -118,4 +122,9 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     write_text(output_uri, "_people.html", sheet.html)
     summary.seconds["writing"] = time.monotonic() - t1
     log(f"[writing] {summary.faces} rows, {summary.people} people → {output_uri}: {summary.seconds['writing']:.1f} s")
+    # the search index beside the output, from the embeddings the tasks still hold (search_index.py)
+    ix = write_index(c.keys, c.xs, c.nums, c.bounds, output_uri, run_id, files, table_uri)
+    summary.seconds["index"] = ix.seconds
+    summary.index = ix.line().replace("[index] ", "")
+    log(ix.line())
     return summary
