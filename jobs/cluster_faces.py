@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edge-rule", default="fixed", choices=["fixed", "adaptive", "mutual"],
                    help="which kNN pairs become edges (pipeline/people/graph.py; default fixed: cos ≥ the 100:1 "
                         "threshold)")
+    p.add_argument("--batch-faces", type=positive_int, default=50_000,
+                   help="faces per clustering task (whole connected groups; default 50000): smaller batches spread "
+                        "Infomap over more tasks and nodes, each holding less")
     add_ray_flags(p)
     return p.parse_args(argv)
 
@@ -70,7 +73,7 @@ def _cluster(args: argparse.Namespace) -> int:
     init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
     with Heartbeat("cluster_faces", args.progress_every) as beat:  # a line when a phase runs long
         summary = cluster_table(args.table, args.output, resume=args.resume, sheet_people=args.sheet_people,
-                                log=beat.log, label_state=state, rule=args.edge_rule)
+                                log=beat.log, label_state=state, rule=args.edge_rule, batch_faces=args.batch_faces)
     print("\n".join(["", "== faceray cluster_faces summary", *summary.lines()]))
     return 0
 

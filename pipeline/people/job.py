@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.labels import LabelState
-from pipeline.people.spread import CAP, cluster_shards, write_shards
+from pipeline.people.spread import BATCH_NODES, CAP, cluster_shards, write_shards
 from pipeline.people.graph import DIFF_COS, EDGE_ODDS, K, SAME_COS, THRESHOLD
 from pipeline.people.ids import person_strings
 from pipeline.people.names import NameReport, constrain, name_counts, person_name_table, renumber, with_names
@@ -72,7 +72,7 @@ class PeopleSummary:
 def cluster_table(table_uri: str, output_uri: str, resume: bool = False, threshold: float = THRESHOLD,
                   k: int = K, log: Callable[[str], None] = print, sheet_people: int = 40,
                   label_state: LabelState | None = None, rule: str = "fixed", cap: int = CAP,
-                  crash_marker: str | None = None) -> PeopleSummary:
+                  batch_faces: int = BATCH_NODES, crash_marker: str | None = None) -> PeopleSummary:
     """The whole job: read → (resume: join) → kNN + cluster → (``label_state``: the labels log's
     decisions, ``names.constrain``) → write table, json, html.  ``crash_marker`` (tests only): the
     first clustering task to find no such file makes it and kills its worker (Ray runs it again)."""
@@ -80,7 +80,7 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     storage.check_writable(output_uri)
     # every step a Ray task over shards of the table; the driver keeps refs and O(people) numbers
     c = cluster_shards(table_uri, output_uri, resume, threshold, k, MIN_LINK_PX, rule=rule, cap=cap,
-                       crash_marker=crash_marker, log=log)
+                       batch_nodes=batch_faces, crash_marker=crash_marker, log=log)
     summary.faces, summary.kept, summary.joined, summary.unlinked = c.faces, c.kept, c.joined, c.unlinked
     summary.new_people = c.new_people
     summary.seconds.update(c.seconds)
