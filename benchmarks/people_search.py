@@ -1,6 +1,6 @@
-"""Search at scale: the people job's index (``_index/``, IVF-SQ8) as a replica loads it,
-against the old way (a replica building an IVF-Flat index from every embedding), on
-synthetic tables of 10^6–10^7 faces.
+"""Search at scale: the people job's index (``_index/``, IVF-SQfp16 and IVF-SQ8) as a
+replica loads it, against the old way (a replica building an IVF-Flat index from every
+embedding), on synthetic tables of 10^6–10^7 faces, side by side in one run.
 
     python benchmarks/people_search.py [--faces 1000000 10000000] [--queries 1000] [--nprobe 32 64 128 256]
 
@@ -9,7 +9,8 @@ Per size:
    same/different cosines match the LFW pairs), written 500k rows per file, and 1,000
    query faces: new faces of people in the table.  Exact top-10 of each query (faiss
    flat, chunk by chunk) is the ground truth.
-2. ``search_index.build_from_table`` on a local Ray (2 CPUs): wall of the index build.
+2. ``search_index.build_from_table`` on a local Ray (2 CPUs), once per codec: wall of
+   the index build.
 3. In a fresh process (what a replica does): ``FaceIndex.from_uris`` → load seconds and
    RSS; then each query alone through ``FaceIndex.search`` (1 faiss thread, as a busy
    replica): p50/p99 latency and recall@10 against exact, for each ``--nprobe``.
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,10 +40,11 @@ import numpy as np  # noqa: E402
 ROWS_PER_FILE = 500_000
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's RSS (``VmHWM``: its peak; unlike ``ru_maxrss`` not inherited over exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -83,7 +84,7 @@ def make_table(x_real: np.ndarray, n: int, queries: int, folder: Path) -> None:
     np.save(folder.parent / f"exact_{n}.npy", best_i)
 
 
-def build(table: Path, out: Path) -> dict:
+def build(table: Path, out: Path, codec: str) -> dict:
     import ray
 
     from pipeline.people import search_index
@@ -91,7 +92,7 @@ def build(table: Path, out: Path) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.monotonic()
-        s = search_index.build_from_table(str(table), str(out))
+        s = search_index.build_from_table(str(table), str(out), codec)
         return {"kind": s.kind, "nprobe": s.nprobe, "shards": s.shards, "mib": s.bytes / 2**20,
                 "seconds": time.monotonic() - t0}
     finally:
@@ -117,8 +118,8 @@ def replica(table: str, out: str, n: int, nprobes: list[int], old: bool) -> dict
         del faces
     load_s = time.monotonic() - t0
     loaded = rss_mib()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    work = Path(out).parent
+    peak = rss_mib("VmHWM")
+    work = Path(table).parent
     q, exact = np.load(work / f"queries_{n}.npy"), np.load(work / f"exact_{n}.npy")
     faiss.omp_set_num_threads(1)
     ivf = faiss.extract_index_ivf(index.index)
@@ -170,17 +171,22 @@ def main() -> int:
     x_real, _ = load(args.tables or score_tables(Path(tempfile.gettempdir()) / "faceray_people_bench"))
     probes = ",".join(map(str, args.nprobe))
     for n in args.faces:
-        table, out = work / f"table_{n}", work / f"people_{n}"
+        table = work / f"table_{n}"
         if not (work / f"exact_{n}.npy").exists():
             t0 = time.monotonic()
             make_table(x_real, n, args.queries, table)
             print(f"N={n}: table + exact top-10 of {args.queries} queries: {time.monotonic() - t0:.0f} s")
-        b = build(table, out)
-        print(f"N={n}: index {b['kind']} ({b['shards']} shards, {b['mib']:.0f} MiB on disk) built as Ray tasks "
-              f"in {b['seconds']:.1f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
-        ways = [("new", "_index (IVF-SQ8)")] + ([("old", "old: IVF-Flat built in the replica")]
-                                              if n <= args.old_max else [])
-        for way, label in ways:
+        ways = []
+        for codec in ("fp16", "sq8"):
+            out = work / f"people_{n}_{codec}"
+            b = build(table, out, codec)
+            print(f"N={n}: index {b['kind']} ({b['shards']} shards, {b['mib']:.0f} MiB on disk) built as Ray tasks "
+                  f"in {b['seconds']:.1f} s (load average {os.getloadavg()[0]:.1f}); default nprobe {b['nprobe']}",
+                  flush=True)
+            ways.append(("new", out, f"_index ({b['kind']})"))
+        if n <= args.old_max:
+            ways.append(("old", out, "old: IVF-Flat built in the replica from every embedding"))
+        for way, out, label in ways:
             r = in_fresh_process([str(table), str(out), str(n), probes, way])
             print(f"  {label}: load {r['load_s']:.1f} s, replica RSS {r['rss_loaded_mib']:.0f} MiB "
                   f"(python + faiss alone {r['rss_base_mib']:.0f}, peak {r['peak_mib']:.0f}), {r['lists']} lists")

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-faces", type=positive_int, default=50_000,
                    help="faces per clustering task (whole connected groups; default 50000): smaller batches spread "
                         "Infomap over more tasks and nodes, each holding less")
+    p.add_argument("--search-index", default="fp16", choices=["fp16", "sq8", "none"],
+                   help="the search index written to OUTPUT/_index for serve_api.py: fp16 (default; 256 bytes a face, "
+                        "recall ≈ exact search), sq8 (128 bytes, recall@10 ≈ 0.95) or none")
     add_ray_flags(p)
     return p.parse_args(argv)
 
@@ -73,7 +76,8 @@ def _cluster(args: argparse.Namespace) -> int:
     init_ray(args.ray_address, args.num_cpus, verbose=args.verbose)
     with Heartbeat("cluster_faces", args.progress_every) as beat:  # a line when a phase runs long
         summary = cluster_table(args.table, args.output, resume=args.resume, sheet_people=args.sheet_people,
-                                log=beat.log, label_state=state, rule=args.edge_rule, batch_faces=args.batch_faces)
+                                log=beat.log, label_state=state, rule=args.edge_rule, batch_faces=args.batch_faces,
+                                search_index=args.search_index)
     print("\n".join(["", "== faceray cluster_faces summary", *summary.lines()]))
     return 0
 

@@ -22,7 +22,6 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import labels, storage
@@ -129,6 +128,7 @@ def scrub_people(uri: str, gone: pa.Table, name: str) -> tuple[int, int]:
     sheet drawn again and any ``_index/`` side folder removed: (rows removed, rows kept)."""
     from pipeline.people.output import write_table, write_text
     from pipeline.people.reading import parquet_files
+    from pipeline.people.search_index import remove_index
     from pipeline.people.sheet import contact_sheet
 
     import pyarrow.dataset as pads
@@ -160,9 +160,7 @@ def scrub_people(uri: str, gone: pa.Table, name: str) -> tuple[int, int]:
             sheet = contact_sheet(t, meta["source_table"], meta, 40)
             write_text(uri, "_people.html", getattr(sheet, "html", sheet))
         write_text(uri, "_people.json", json.dumps(meta, indent=2))
-    index = f"{root}/_index"
-    if fs.get_file_info(index).type == pafs.FileType.Directory:
-        fs.delete_dir(index)
+    remove_index(uri)
     return int(mask.sum()), t.num_rows
 
 

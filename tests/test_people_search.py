@@ -32,6 +32,16 @@ def test_people_job_writes_the_index_a_replica_loads(ray_cluster, tmp_path):
         assert all(p == person for *_, p in rest)   # its nearest faces: the same person (noise 0.02)
 
 
+def test_no_search_index_removes_an_older_one(ray_cluster, tmp_path):
+    x, _ = _faces(10, 8, seed=8)
+    table, out = _table(tmp_path, x, files=1), str(tmp_path / "people")
+    job.cluster_table(table, out, sheet_people=1)
+    assert (tmp_path / "people" / "_index" / "index.json").exists()
+    summary = job.cluster_table(table, out, sheet_people=1, search_index="none")
+    assert not (tmp_path / "people" / "_index").exists() and summary.index == ""
+    assert "built from the table" in FaceIndex.from_uris(table, out).source
+
+
 def test_resume_rewrites_the_index_and_a_stale_one_is_not_used(ray_cluster, tmp_path):
     x, _ = _faces(20, 10, seed=6)
     root, out = tmp_path / "table", str(tmp_path / "people")
@@ -56,13 +66,15 @@ def test_resume_rewrites_the_index_and_a_stale_one_is_not_used(ray_cluster, tmp_
         FaceIndex.from_uris(str(root), out, small=100)             # big: a reason, not a 10^7 build
 
 
-def test_ivf_sq8_index_finds_what_exact_search_finds(ray_cluster, tmp_path):
-    """An IVF-SQ8 index (forced on 4,000 faces) built as Ray tasks over 4 table files:
-    ids map to the right rows across shards, and recall@10 against exact search is high."""
+@pytest.mark.parametrize("codec, least", [("fp16", 0.97), ("sq8", 0.85)])
+def test_ivf_index_finds_what_exact_search_finds(ray_cluster, tmp_path, codec, least):
+    """An IVF index (forced on 4,000 faces) built as Ray tasks over 4 table files: ids map
+    to the right rows across shards, and recall@10 against exact search is high."""
     x, _ = _faces(200, 20, seed=7, noise=0.05)
     table, out = _table(tmp_path, x, files=4), str(tmp_path / "people")
-    s = search_index.build_from_table(table, out, exact_max=1000)
-    assert s.kind == f"IVF{search_index.lists_for(len(x))},SQ8" and s.shards == 4 and s.faces == len(x)
+    s = search_index.build_from_table(table, out, codec, exact_max=1000)
+    assert s.kind == search_index.kind_for(len(x), codec, 1000) and s.shards == 4 and s.faces == len(x)
+    assert s.kind.startswith(f"IVF{search_index.lists_for(len(x))},")
     index = FaceIndex.from_uris(table, out)
     assert faiss.extract_index_ivf(index.index).nprobe == s.nprobe
     rows = np.random.default_rng(0).choice(len(x), 200, replace=False)
@@ -71,5 +83,5 @@ def test_ivf_sq8_index_finds_what_exact_search_finds(ray_cluster, tmp_path):
     found = [[int(u[5:11]) for u, *_ in h] for h in hits]
     assert all(f[0] == r for f, r in zip(found, rows))              # each face finds itself first
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
-    assert recall >= 0.9, recall
+    assert recall >= least, recall
     assert all(p is None for h in hits for *_, p in h)              # no people job: person null

@@ -17,7 +17,7 @@ from pipeline.people.graph import DIFF_COS, EDGE_ODDS, K, SAME_COS, THRESHOLD
 from pipeline.people.ids import person_strings
 from pipeline.people.names import NameReport, constrain, name_counts, person_name_table, renumber, with_names
 from pipeline.people.output import write_text
-from pipeline.people.search_index import write_index
+from pipeline.people.search_index import remove_index, write_index
 from pipeline.people.sheet import SHEET_DEADLINE_S, contact_sheet
 
 # Faces whose box is smaller than this (shorter side, photo pixels) are not linked to any
@@ -72,9 +72,11 @@ class PeopleSummary:
 def cluster_table(table_uri: str, output_uri: str, resume: bool = False, threshold: float = THRESHOLD,
                   k: int = K, log: Callable[[str], None] = print, sheet_people: int = 40,
                   label_state: LabelState | None = None, rule: str = "fixed", cap: int = CAP,
-                  batch_faces: int = BATCH_NODES, crash_marker: str | None = None) -> PeopleSummary:
+                  batch_faces: int = BATCH_NODES, search_index: str = "fp16",
+                  crash_marker: str | None = None) -> PeopleSummary:
     """The whole job: read → (resume: join) → kNN + cluster → (``label_state``: the labels log's
-    decisions, ``names.constrain``) → write table, json, html.  ``crash_marker`` (tests only): the
+    decisions, ``names.constrain``) → write table, json, html → the search index (``search_index``:
+    ``fp16``, ``sq8`` or ``none``, ``search_index.py``).  ``crash_marker`` (tests only): the
     first clustering task to find no such file makes it and kills its worker (Ray runs it again)."""
     summary = PeopleSummary(threshold=threshold, output=output_uri)
     storage.check_writable(output_uri)
@@ -123,8 +125,11 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     summary.seconds["writing"] = time.monotonic() - t1
     log(f"[writing] {summary.faces} rows, {summary.people} people → {output_uri}: {summary.seconds['writing']:.1f} s")
     # the search index beside the output, from the embeddings the tasks still hold (search_index.py)
-    ix = write_index(c.keys, c.xs, c.nums, c.bounds, output_uri, run_id, files, table_uri)
-    summary.seconds["index"] = ix.seconds
-    summary.index = ix.line().replace("[index] ", "")
-    log(ix.line())
+    if search_index == "none":
+        remove_index(output_uri)     # an older run's index would describe other people files
+    else:
+        ix = write_index(c.keys, c.xs, c.nums, c.bounds, output_uri, run_id, files, table_uri, search_index)
+        summary.seconds["index"] = ix.seconds
+        summary.index = ix.line().replace("[index] ", "")
+        log(ix.line())
     return summary

@@ -3,9 +3,10 @@
 Why: ``POST /v1/search`` used to build its index from every embedding when a replica
 loaded the table: 512 MB of floats per 10^6 faces in one process, and minutes of
 building at 10^7.  The people job already holds every embedding in Ray's object store, so
-it writes a compressed IVF index beside its output (``IVF<lists>,SQ8``: 128 bytes per face
-and an 8-byte id, a quarter of the floats; residuals quantised per list, so recall holds:
-benchmarks/README.md, "search at scale").  A replica loads it and builds an index itself
+it writes a compressed IVF index beside its output: ``IVF<lists>,SQfp16`` by default (256
+bytes per face and an 8-byte id, half the floats, recall@10 ≈ exact search) or
+``IVF<lists>,SQ8`` (128 bytes, a quarter, recall@10 ≈ 0.95): benchmarks/README.md,
+"search at scale".  A replica loads it and builds an index itself
 only when none exists and the table is small (``pipeline.people.index.FaceIndex``).
 
 Layout (``_``-named, so readers of the people table never see it):
@@ -36,9 +37,10 @@ from pipeline import storage
 
 INDEX_DIR = "_index"
 MANIFEST = "index.json"
+CODECS = {"fp16": "SQfp16", "sq8": "SQ8"}   # --search-index: how each face's vector is stored
 EXACT_MAX = 50_000        # up to this many faces the index is flat (exact): small, and nothing to train
 TRAIN_PER_LIST = 64       # training sample per inverted list
-NPROBE_SHARE = 32         # lists probed per query: 1/32 of them, at least MIN_NPROBE (recall in the README)
+NPROBE_SHARE = 16         # lists probed per query: 1/16 of them, at least MIN_NPROBE (recall in the README)
 MIN_NPROBE = 16
 
 
@@ -52,9 +54,9 @@ def nprobe_for(lists: int) -> int:
     return int(min(lists, max(MIN_NPROBE, lists // NPROBE_SHARE)))
 
 
-def kind_for(n: int, exact_max: int = EXACT_MAX) -> str:
+def kind_for(n: int, codec: str = "fp16", exact_max: int = EXACT_MAX) -> str:
     """The faiss factory string for n faces."""
-    return "IDMap,Flat" if n <= exact_max else f"IVF{lists_for(n)},SQ8"
+    return "IDMap,Flat" if n <= exact_max else f"IVF{lists_for(n)},{CODECS[codec]}"
 
 
 @dataclass
@@ -111,7 +113,8 @@ def _add(trained: np.ndarray, lo: int, keys: pa.Table, x: np.ndarray, nums: np.n
 
 
 def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, output_uri: str, run_id: str,
-                people_files: list[str], source_table: str, exact_max: int = EXACT_MAX) -> IndexSummary:
+                people_files: list[str], source_table: str, codec: str = "fp16",
+                exact_max: int = EXACT_MAX) -> IndexSummary:
     """Write ``<output_uri>/_index/`` from per-shard refs (keys table, N×d embeddings, person
     numbers or None) whose rows are global rows ``bounds[i]..bounds[i+1]-1``."""
     import ray
@@ -119,7 +122,7 @@ def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, out
     t0 = time.monotonic()
     counts = np.diff(bounds).astype(np.int64)
     n = int(counts.sum())
-    kind = kind_for(n, exact_max)
+    kind = kind_for(n, codec, exact_max)
     nprobe = nprobe_for(lists_for(n)) if kind.startswith("IVF") else 0
     want = lists_for(n) * TRAIN_PER_LIST
     samples = [_remote(_sample).remote(x, int(np.ceil(want * c / n)), i)
@@ -144,7 +147,7 @@ def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, out
                         f"{output_uri.rstrip('/')}/{INDEX_DIR}")
 
 
-def build_from_table(table_uri: str, output_uri: str, exact_max: int = EXACT_MAX) -> IndexSummary:
+def build_from_table(table_uri: str, output_uri: str, codec: str = "fp16", exact_max: int = EXACT_MAX) -> IndexSummary:
     """An index of every face of a prediction table (no people: ``person`` null), as Ray
     tasks: for a table no people job has run on (and the benchmark at 10^7 faces)."""
     import ray
@@ -161,7 +164,14 @@ def build_from_table(table_uri: str, output_uri: str, exact_max: int = EXACT_MAX
     keep = [i for i, c in enumerate(counts) if c]
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-table"
     return write_index([shards[i][0] for i in keep], [shards[i][1] for i in keep], None,
-                       np.r_[0, np.cumsum(counts[keep])], output_uri, run_id, [], table_uri, exact_max)
+                       np.r_[0, np.cumsum(counts[keep])], output_uri, run_id, [], table_uri, codec, exact_max)
+
+
+def remove_index(output_uri: str) -> None:
+    """Delete ``<output_uri>/_index/`` if there is one (``--search-index none``, ``--forget``)."""
+    fs, path = storage.resolve(output_uri)
+    if fs.get_file_info(f"{path}/{INDEX_DIR}").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{path}/{INDEX_DIR}")
 
 
 @dataclass
