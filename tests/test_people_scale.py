@@ -122,6 +122,50 @@ def test_resume_joins_new_faces_through_the_tasks(ray_cluster, tmp_path):
     assert not list((tmp_path / "out").glob("_work/*"))         # the side folder is cleaned up
 
 
+def test_labels_on_shards_equal_constrain_on_every_face(ray_cluster, tmp_path):
+    """``--labels`` gathers only the people holding a decided face (name_shards.py) and gives
+    what ``names.constrain`` over every face, renumbered largest first, gives — here with a
+    split, a merge and a `not` face that moves to an untouched look-alike (cos 0.97)."""
+    import datetime as dt
+
+    from pipeline import labels
+    from pipeline.people.ids import person_numbers, ranked_ids
+    from pipeline.people.names import constrain
+
+    rng = np.random.default_rng(7)
+    c = rng.normal(size=(30, 128))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    side = c[1] - (c[1] @ c[0]) * c[0]
+    c[1] = 0.97 * c[0] + np.sqrt(1 - 0.97 ** 2) * side / np.linalg.norm(side)
+    truth = np.repeat(np.arange(30), 8)
+    x = c[truth] + 0.02 * rng.normal(size=(len(truth), 128))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    table = _table(tmp_path, x, files=4)
+
+    def faces(person: int, *which: int) -> list[tuple[str, int]]:
+        return [(f"photo{r:06d}.jpg", 0) for r in np.flatnonzero(truth == person)[list(which)]]
+
+    acts = [("name", "Ann", faces(0, 0, 1)), ("not", "Ann", faces(0, 2)),          # leaves for person 1
+            ("name", "Bo", faces(3, 0) + faces(4, 0, 1)),                           # 3 and 4 merge
+            ("name", "Cy", faces(5, 0, 1)), ("name", "Di", faces(5, 2, 3, 4))]      # 5 splits
+    state = labels.replay(pa.concat_tables([labels.decisions(a, n, f, at=dt.datetime(2026, 1, 1, 0, m, tzinfo=dt.timezone.utc))
+                                            for m, (a, n, f) in enumerate(acts)]))
+    job.cluster_table(table, str(tmp_path / "plain"), sheet_people=1, search_index="none")
+    plain = _people(str(tmp_path / "plain"))
+    want, rep = constrain(person_numbers(pa.array(plain.person)), pa.array(plain.image_uri),
+                          np.zeros(len(plain), np.int32), x, state, job.THRESHOLD)
+    _, lab = np.unique(want, return_inverse=True)
+    want = ranked_ids(lab)[lab]
+    summary = job.cluster_table(table, str(tmp_path / "named"), sheet_people=1, label_state=state,
+                                search_index="none")
+    named = _people(str(tmp_path / "named"))
+    assert (person_numbers(pa.array(named.person)) == want).all()
+    assert vars(summary.names) == vars(rep) and rep.split == 1 and rep.merged == 1 and rep.rejected_out == 1
+    moved = named.image_uri == faces(0, 2)[0][0]
+    assert named.person[moved].item() == named.person[named.image_uri == faces(1, 0)[0][0]].item()
+    assert set(named.name.dropna()) == {"Ann", "Bo", "Cy", "Di"}
+
+
 def test_check_table_reads_no_faces(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -7,15 +7,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-import pyarrow as pa
 
 from pipeline import storage
 from pipeline.labels import LabelState
 from pipeline.people.spread import BATCH_NODES, CAP, cluster_shards, write_shards
 from pipeline.people.graph import DIFF_COS, EDGE_ODDS, K, SAME_COS, THRESHOLD
-from pipeline.people.ids import person_strings
-from pipeline.people.names import NameReport, constrain, name_counts, person_name_table, renumber, with_names
+from pipeline.people.name_shards import apply_labels
+from pipeline.people.names import NameReport
 from pipeline.people.output import write_text
 from pipeline.people.search_index import remove_index, write_index
 from pipeline.people.sheet import SHEET_DEADLINE_S, contact_sheet
@@ -87,16 +85,10 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
     summary.new_people = c.new_people
     summary.seconds.update(c.seconds)
     # Here every face has its person number (per shard, ``c.nums``), before anything is written.
-    named = people_names = None
+    named = name_counts_ = None
     if label_state is not None:  # names (issue 24): the labels log binds the person numbers, fresh run or --resume
-        keys, x, nums = c.gather()   # constrain needs every face at once: O(faces) here, only with --labels
-        nums, summary.names = constrain(nums, keys.column("image_uri"), keys.column("face_index").to_numpy(), x,
-                                        label_state, threshold)
-        nums = nums if summary.kept else renumber(nums)
-        c.set_numbers(nums)
-        people_names = with_names(keys.append_column("person", person_strings(nums)),
-                                  label_state)
-        named = person_name_table(people_names, label_state)
+        done = apply_labels(c, label_state, threshold, renumber=not summary.kept)   # name_shards.py
+        summary.names, named, name_counts_ = done.report, done.by_person, done.counts
         log(summary.names.line().replace("names:        ", "[names]"))
 
     t1 = time.monotonic()
@@ -112,7 +104,7 @@ def cluster_table(table_uri: str, output_uri: str, resume: bool = False, thresho
             "edge_rule": rule, "component_cap": cap, "edges": c.edges, "components": c.components,
             "largest_component": c.largest_component,
             "joined": summary.joined, "new_people": summary.new_people, "files": files,
-            "names": name_counts(people_names) if people_names is not None else {},
+            "names": name_counts_ or {},
             **({"labels": vars(summary.names)} if summary.names is not None else {}),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     log(f"[sheet] thumbnails of the {min(sheet_people, summary.people)} largest people "

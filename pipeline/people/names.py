@@ -157,7 +157,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def constrain(nums: np.ndarray, image_uri: pa.Array, face_index: np.ndarray, x: np.ndarray,
-              state: labels.LabelState, threshold: float) -> tuple[np.ndarray, NameReport]:
+              state: labels.LabelState, threshold: float, start: int = 0,
+              outside: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, NameReport]:
     """Person numbers (one per face, >0) made to honour the labels log:
 
     1. **conflict rule**: a person whose named faces hold two or more names is split by
@@ -169,6 +170,10 @@ def constrain(nums: np.ndarray, image_uri: pa.Array, face_index: np.ndarray, x: 
     3. a face marked ``not X`` in X's person leaves it: to the nearest other person's centre
        when that is at least ``threshold`` and not a name it is marked ``not``, else to a
        person of its own.
+
+    The faces given may be a part of the table holding whole people (``name_shards.py``):
+    then ``start`` is the first number no face of the table has, and ``outside`` the
+    (numbers, unit centres) of the people not given, where a `not` face may go too.
     """
     nums = np.asarray(nums, np.int64).copy()
     report = NameReport()
@@ -187,7 +192,7 @@ def constrain(nums: np.ndarray, image_uri: pa.Array, face_index: np.ndarray, x: 
     code = np.full(n, -1, np.int64)
     code[valid] = code_named
     report.named_faces, report.names = int(valid.sum()), len(names)
-    next_num = int(nums.max(initial=0)) + 1
+    next_num = max(int(nums.max(initial=0)) + 1, start)
     if len(names):
         # 1. split people holding two names
         rows = np.flatnonzero(code >= 0)
@@ -243,6 +248,8 @@ def constrain(nums: np.ndarray, image_uri: pa.Array, face_index: np.ndarray, x: 
                 sums = np.zeros((len(uniq), x.shape[1]), np.float64)
                 np.add.at(sums, lab, x)
                 cent = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+                if outside is not None:
+                    uniq, cent = np.r_[uniq, outside[0]], np.concatenate([cent, outside[1]])
                 refused = {}
                 for r, nm in zip(rej_rows, rej_names):
                     refused.setdefault(int(r), set()).add(nm)
@@ -261,14 +268,6 @@ def constrain(nums: np.ndarray, image_uri: pa.Array, face_index: np.ndarray, x: 
                     nums[r] = dest
                     report.rejected_out += 1
     return nums, report
-
-
-def renumber(nums: np.ndarray) -> np.ndarray:
-    """Person numbers 1… again, largest first (a fresh run's ids after ``constrain``)."""
-    from pipeline.people.ids import ranked_ids
-
-    _, lab = np.unique(nums, return_inverse=True)
-    return ranked_ids(lab)[lab]
 
 
 def with_names(people: pa.Table, state: labels.LabelState | None) -> pa.Table:

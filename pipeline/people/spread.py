@@ -50,10 +50,13 @@ FAN_IN = 8                # forests merged per components task
 RETRIES = 3               # a task whose worker dies is run again (every task is idempotent)
 
 
-def _remote(fn: Callable, returns: int = 1) -> Any:
+def _remote(fn: Callable, returns: int = 1, spread: bool = False) -> Any:
+    """``spread``: the heavy per-shard tasks (reading, clustering) go round the nodes (Ray's
+    SPREAD) so each node holds a share of the faces, rather than filling the driver's first."""
     import ray
 
-    return ray.remote(num_cpus=1, max_retries=RETRIES, num_returns=returns)(fn)
+    return ray.remote(num_cpus=1, max_retries=RETRIES, num_returns=returns,
+                      scheduling_strategy="SPREAD" if spread else "DEFAULT")(fn)
 
 
 def _count_true(m: np.ndarray) -> int:
@@ -315,20 +318,6 @@ class Clustered:
     largest_component: int
     seconds: dict[str, float]
 
-    def gather(self) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-        """(keys, embeddings, person numbers) of every face in this process: O(faces), for
-        steps that need them all at once (the labels-log constraints)."""
-        import ray
-
-        return (pa.concat_tables(ray.get(self.keys)), np.concatenate(ray.get(self.xs)),
-                np.concatenate(ray.get(self.nums)))
-
-    def set_numbers(self, nums: np.ndarray) -> None:
-        """New person numbers for every face (the order of ``gather``), back into the shards."""
-        import ray
-
-        self.nums = [ray.put(nums[lo:hi]) for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
-
 
 @dataclass
 class Written:
@@ -358,7 +347,7 @@ def cluster_shards(table_uri: str, output_uri: str, resume: bool, threshold: flo
     if resume:
         pfs, old = parquet_files(output_uri)
         previous = [output_uri, *old] if old else None
-    read = _remote(_read_file, 6)
+    read = _remote(_read_file, 6, spread=True)
     shards = [read.remote(table_uri, f, min_link_px, previous) for f in files]
     counts = np.asarray(ray.get([s[5] for s in shards]), np.int64)
     keep = np.flatnonzero(counts > 0)
@@ -419,7 +408,7 @@ def cluster_shards(table_uri: str, output_uri: str, resume: bool, threshold: flo
         split = _remote(_split_edges, n_batches)
         pieces = [split.remote(e, plan, n_batches) for e in edge_refs]
         pieces = [p if n_batches > 1 else [p] for p in pieces]
-        task = _remote(_cluster_batch, 2)
+        task = _remote(_cluster_batch, 2, spread=True)
         for bi in range(n_batches):
             assign, summ = task.remote(cap, threshold, rule, trials, crash_marker, *[p[bi] for p in pieces])
             results.append(assign)
