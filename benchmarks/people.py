@@ -12,6 +12,11 @@
    distributions, written as a Parquet table and clustered by jobs/cluster_faces.py in its
    own process (its own local Ray, 2 CPUs): wall, peak RSS of the driver, of the largest
    single process and of all, BCubed P/R/F; and search latency.
+4. Look-alikes (``--lookalikes N``): the real faces hidden among N synthetic faces of
+   people drawn near each real person (centre cosine 0.90–0.97, so their faces meet the
+   real person's at cos ≈ 0.86–0.92, up to the 100:1 threshold), clustered by
+   jobs/cluster_faces.py with each ``--edge-rule``: BCubed P and R on the real people and
+   on everyone, side by side.
 """
 from __future__ import annotations
 
@@ -218,7 +223,8 @@ class PeakRss:
 
     def __init__(self, pid: int | None = None) -> None:
         self.pid = pid or os.getpid()
-        self.peak = self.driver = self.single = 0
+        self.peak = self.driver = self.single = self.private = 0   # private: the largest RSS less shared pages
+        self.by_title: dict[str, tuple[int, int]] = {}   # process title → peak (RSS, RSS less shared pages)
         self.cpu: dict[int, float] = {}   # CPU seconds (user + sys) last seen per process of the tree
         self.stop = False
 
@@ -263,6 +269,21 @@ class PeakRss:
         self.driver = max(self.driver, mem.get(self.pid, 0))
         for p, (_, cpu) in tree.items():
             self.cpu[p] = max(self.cpu.get(p, 0.0), cpu)
+        for p, rss in mem.items():
+            try:
+                title = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].decode(errors="replace")
+                shared = int(open(f"/proc/{p}/statm").read().split()[2]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                continue
+            self.private = max(self.private, rss - shared)
+            if title.startswith("ray::"):      # a worker: its title is the task it runs now
+                was = self.by_title.get(title, (0, 0))
+                self.by_title[title] = (max(was[0], rss), max(was[1], rss - shared))
+
+    def largest(self, n: int = 3) -> str:
+        """The ``n`` worker titles (tasks) with the largest peak RSS, with their private part."""
+        top = sorted(self.by_title.items(), key=lambda kv: -kv[1][0])[:n]
+        return ", ".join(f"{t[5:]} {r / 2**30:.2f} GiB ({u / 2**30:.2f} not shared)" for t, (r, u) in top)
 
     def __enter__(self):
         def run():
@@ -330,11 +351,70 @@ def scale(x_real: np.ndarray, sizes: list[int], rule: str, work: Path) -> None:
         p, r, f = bcubed(lab[sub], person)
         print(f"N={n}: wall {wall:.1f} s (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
               f"CPU {mem.cpu_seconds:.0f} s (≈ {mem.cpu_seconds / 2:.0f} s wall on 2 idle cores), "
-              f"peak RSS: driver {mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB, "
+              f"peak RSS: driver {mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB "
+              f"({mem.private / 2**30:.2f} GiB less the object store's shared pages), "
               f"all {mem.peak / 2**30:.2f} GiB; people {pred.person.nunique()} vs {lab.max() + 1} true; "
               f"BCubed P {p:.4f} R {r:.4f} F {f:.4f}")
+        print(f"    largest workers by the task they ran: {mem.largest()}")
         for line in steps:
             print("   ", line.strip())
+
+
+def lookalike_faces(x: np.ndarray, df: pd.DataFrame, n: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """n synthetic faces of look-alikes of the real labelled people: each real person gets
+    people whose unit centre is ``a·u + √(1−a²)·v`` (u: the real person's mean face, v: a
+    synthetic centre's direction made orthogonal to u, a ~ U[0.90, 0.97]), Zipf-sized,
+    faces drawn as ``Synthetic.faces`` draws them.  Returns (faces, look-alike person id)."""
+    syn = Synthetic(x, seed)
+    rng = np.random.default_rng(seed)
+    truth = df.truth.to_numpy()
+    names = sorted({t for t in truth if t is not None})
+    u = np.stack([x[truth == name].mean(0) for name in names])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    sizes = np.minimum(syn.sizes(n), 200)
+    sizes = np.r_[sizes, np.ones(n - sizes.sum(), int)]
+    near = rng.integers(0, len(names), len(sizes))            # whose look-alike each person is
+    v = syn.centres(len(sizes)) - syn.mu
+    v -= (v * u[near]).sum(1, keepdims=True) * u[near]
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    a = rng.uniform(0.90, 0.97, len(sizes))[:, None]
+    norm = np.median(np.linalg.norm(syn.centres(1000), axis=1))   # Synthetic's centre scale
+    centres = (a * u[near] + np.sqrt(1 - a ** 2) * v) * norm
+    lab = np.repeat(np.arange(len(sizes)), sizes)
+    return syn.faces(centres.astype(np.float32), lab), lab
+
+
+def lookalikes(x: np.ndarray, df: pd.DataFrame, n: int, work: Path) -> None:
+    """The edge rules on the real faces hidden among n look-alike faces (one table, each rule
+    a cluster_faces.py run): BCubed P/R of the real people's main faces and of everyone."""
+    fake, fake_lab = lookalike_faces(x, df, n)
+    truth = df.truth.to_numpy()
+    real_idx = np.flatnonzero(truth != None)  # noqa: E711 (object array)
+    cross = fake[:2000] @ x[real_idx].T
+    print(f"\n## look-alikes: {len(x)} real faces ({len(real_idx)} labelled, {len(set(truth[real_idx]))} people) "
+          f"among {n} synthetic faces of {fake_lab.max() + 1} look-alike people; a look-alike face's best real match: "
+          f"cos {np.median(cross.max(1)):.3f} median, {(cross.max(1) >= people.THRESHOLD).mean():.1%} at or over "
+          f"{people.THRESHOLD}")
+    table = work / f"lookalikes_{n}"
+    allx = np.concatenate([x, fake])
+    if not table.exists():
+        write_table(allx, table)
+    codes = {name: i for i, name in enumerate(sorted(set(truth[real_idx])))}
+    everyone = np.r_[np.full(len(x), -1), fake_lab + len(codes)]
+    everyone[real_idx] = [codes[t] for t in truth[real_idx]]
+    scored = np.flatnonzero(everyone >= 0)
+    print(f"{'edge rule':<12}{'real P':>8}{'real R':>8}{'real F':>8}{'all P':>8}{'all R':>8}{'all F':>8}"
+          f"{'people':>8}{'wall s':>8}")
+    for rule in RULES:
+        out = work / f"lookalikes_{n}_{rule}"
+        wall, _, _ = run_job(table, out, rule)
+        pred = pd.read_parquet(out, columns=["image_uri", "person"])
+        person = np.empty(len(allx), object)
+        person[pred.image_uri.str.slice(2, 11).astype(np.int64).to_numpy()] = pred.person.to_numpy()
+        rp, rr, rf = bcubed(everyone[real_idx], person[real_idx])
+        ap_, ar, af = bcubed(everyone[scored], person[scored])
+        print(f"{rule:<12}{rp:>8.4f}{rr:>8.4f}{rf:>8.4f}{ap_:>8.4f}{ar:>8.4f}{af:>8.4f}"
+              f"{pred.person.nunique():>8}{wall:>8.1f}", flush=True)
 
 
 def search_latency(x_real: np.ndarray, n: int) -> None:
@@ -364,6 +444,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "faceray_people_bench"),
                     help="where the scored and synthetic tables are kept between runs")
     ap.add_argument("--skip-accuracy", action="store_true", help="scale runs only")
+    ap.add_argument("--lookalikes", type=int, metavar="N",
+                    help="hide the real faces among N look-alike faces and compare the edge rules (only this step)")
     args = ap.parse_args()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -372,6 +454,9 @@ def main() -> int:
     work = Path(args.work)
     tables = args.tables or score_tables(work)
     x, df = load(tables)
+    if args.lookalikes:
+        lookalikes(x, df, args.lookalikes, work)
+        return 0
     if not args.skip_accuracy:
         accuracy(x, df)
         search(x, df)

@@ -77,6 +77,8 @@ def test_ivf_index_finds_what_exact_search_finds(ray_cluster, tmp_path, codec, l
     assert s.kind.startswith(f"IVF{search_index.lists_for(len(x))},")
     index = FaceIndex.from_uris(table, out)
     assert faiss.extract_index_ivf(index.index).nprobe == s.nprobe
+    manifest = json.loads((tmp_path / "people" / "_index" / "index.json").read_text())
+    assert sum(manifest["list_sizes"]) == index.index.ntotal == len(x)      # lists sized once, then filled
     rows = np.random.default_rng(0).choice(len(x), 200, replace=False)
     exact = np.argsort(-(x[rows] @ x.T), axis=1)[:, :10]
     hits = index.search(x[rows], k=10)

@@ -96,8 +96,9 @@ def _train(kind: str, d: int, *samples: np.ndarray) -> np.ndarray:
 
 
 def _add(trained: np.ndarray, lo: int, keys: pa.Table, x: np.ndarray, nums: np.ndarray | None,
-         output_uri: str, stem: str) -> int:
-    """One shard: its faces added (ids lo..lo+n-1) and written with its keys; bytes written."""
+         output_uri: str, stem: str) -> tuple[int, list[int]]:
+    """One shard: its faces added (ids lo..lo+n-1) and written with its keys → (bytes
+    written, faces per IVF list: the manifest's totals let a replica size each list once)."""
     from pipeline.people.ids import person_strings
 
     faiss.omp_set_num_threads(1)
@@ -109,7 +110,11 @@ def _add(trained: np.ndarray, lo: int, keys: pa.Table, x: np.ndarray, nums: np.n
     storage.put_parquet(fs, f"{path}/{INDEX_DIR}/{stem}.keys.parquet",
                         keys.select(["image_uri", "face_index"]).append_column("person", person))
     storage.put_atomic(fs, f"{path}/{INDEX_DIR}/{stem}.faiss", data)
-    return len(data)
+    try:
+        lists = faiss.extract_index_ivf(index).invlists
+        return len(data), [int(lists.list_size(i)) for i in range(lists.nlist)]
+    except RuntimeError:            # a flat index has no lists
+        return len(data), []
 
 
 def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, output_uri: str, run_id: str,
@@ -131,9 +136,12 @@ def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, out
     stems = [f"{run_id}-{i:05d}" for i in range(len(xs))]
     fs, path = storage.resolve(output_uri)
     fs.create_dir(f"{path}/{INDEX_DIR}", recursive=True)
-    sizes = ray.get([_remote(_add).remote(trained, int(bounds[i]), keys[i], xs[i], nums[i] if nums else None,
+    added = ray.get([_remote(_add).remote(trained, int(bounds[i]), keys[i], xs[i], nums[i] if nums else None,
                                           output_uri, stems[i]) for i in range(len(xs))])
+    sizes = [a[0] for a in added]
+    list_sizes = np.sum([a[1] for a in added], axis=0).astype(int).tolist() if added and added[0][1] else []
     manifest = {"run": run_id, "kind": kind, "nprobe": nprobe, "faces": n, "dims": 128, "metric": "inner_product",
+                "list_sizes": list_sizes,
                 "source_table": source_table, "people_files": sorted(people_files),
                 "shards": [{"index": f"{s}.faiss", "keys": f"{s}.keys.parquet", "first": int(bounds[i]),
                             "rows": int(counts[i])} for i, s in enumerate(stems)],
@@ -174,6 +182,38 @@ def remove_index(output_uri: str) -> None:
         fs.delete_dir(f"{path}/{INDEX_DIR}")
 
 
+class _Lists:
+    """The replica's IVF lists, each allocated once at its final size (the manifest's
+    ``list_sizes``) and filled shard by shard.  Why: ``merge_from`` appends to each list
+    and the vectors' doubling left ~40 % of a 10^7-face index as slack in the replica."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = np.asarray(sizes, np.int64) if sizes else None
+        self.lists = None
+        self.filled = None
+
+    def take(self, index: faiss.Index) -> None:
+        src = faiss.extract_index_ivf(index).invlists
+        if self.lists is None:
+            self.lists = faiss.ArrayInvertedLists(len(self.sizes), src.code_size)
+            for i in np.flatnonzero(self.sizes):
+                self.lists.resize(int(i), int(self.sizes[i]))
+            self.filled = np.zeros(len(self.sizes), np.int64)
+        for i in range(src.nlist):
+            n = src.list_size(i)
+            if n:
+                self.lists.update_entries(i, int(self.filled[i]), n, src.get_ids(i), src.get_codes(i))
+                self.filled[i] += n
+
+    def into(self, index: faiss.Index) -> None:
+        if self.filled is None or not np.array_equal(self.filled, self.sizes):
+            raise ValueError("the search index's shards do not hold the faces its manifest lists")
+        ivf = faiss.extract_index_ivf(index)
+        ivf.replace_invlists(self.lists, True)
+        self.lists.this.disown()         # the index owns (and frees) them now
+        ivf.ntotal = index.ntotal = int(self.sizes.sum())
+
+
 @dataclass
 class LoadedIndex:
     index: faiss.Index
@@ -198,16 +238,25 @@ def open_index(people_uri: str) -> tuple[LoadedIndex | None, str]:
     if manifest.get("people_files") and manifest["people_files"] != now:
         return None, (f"the search index under {people_uri.rstrip('/')}/{INDEX_DIR} was written for other people "
                       f"files than the output holds now (run cluster_faces.py --resume to write it again)")
-    index, parts = None, []
+    index, parts, merged = None, [], _Lists(manifest.get("list_sizes") or [])
     for shard in manifest["shards"]:
         with fs.open_input_file(f"{root}/{shard['index']}") as f:
             one = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
-        if index is None:
+        if merged.sizes is not None:
+            merged.take(one)
+            if index is None:
+                index = one                 # the first shard's quantiser; its lists are replaced below
+        elif index is None:
             index = one
         else:
             index.merge_from(one, 0)       # ids are global already
-            del one
+        del one
         parts.append(pq.read_table(f"{root}/{shard['keys']}", filesystem=fs, read_dictionary=["person"]))
+    if index is not None and merged.sizes is not None:
+        try:
+            merged.into(index)
+        except ValueError as exc:
+            return None, f"the search index under {people_uri.rstrip('/')}/{INDEX_DIR} is damaged: {exc}"
     if index is None:
         return None, f"the search index under {people_uri.rstrip('/')}/{INDEX_DIR} has no shards"
     if manifest.get("nprobe"):
