@@ -9,6 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
@@ -33,25 +36,49 @@ def cluster_report(data_dir, tmp_path_factory):
         (labelled / person.name).mkdir()
         for f in sorted(person.glob("*.jpg"))[:12]:
             (labelled / person.name / f.name).write_bytes(f.read_bytes())
+    faces = tmp_path_factory.mktemp("cluster-faces")
+    _synthetic_table(faces, people=600, per=6, files=4)
     score = ["python", "jobs/score_directory.py", "--input", "s3://cluster/photos"]
     spec = {
         "nodes": 2, "head_cpus": 2, "worker_cpus": 1,
-        "uploads": {"photos": str(photos), "labelled": str(labelled)},
+        "uploads": {"photos": str(photos), "labelled": str(labelled), "faces": str(faces)},
         "jobs": [
             {"entrypoint": [*score, "--output", "s3://cluster/scored"], "timeout_s": 600},
             {"entrypoint": ["python", "jobs/train_classifier.py", "--data", "s3://cluster/labelled",
                             "--output", "s3://cluster/model", "--workers", "2", "--epochs", "30"],
              "timeout_s": 900},
+            # before the chaos job (it kills the worker node): small batches, so clustering is many tasks
+            {"entrypoint": ["python", "jobs/cluster_faces.py", "--table", "s3://cluster/faces",
+                            "--output", "s3://cluster/people", "--batch-faces", "300", "--sheet-people", "4"],
+             "timeout_s": 600},
             {"entrypoint": [*score, "--output", "s3://cluster/chaos", "--crop-actors", "3",
                             "--model", "s3://cluster/model"],
              # 12 s: after the actors start, before the job ends (bf16 made it finish before 25 s)
              "kill_worker_after_s": 12, "timeout_s": 900},
         ],
-        "read_tables": ["scored", "chaos"],
+        "read_tables": ["scored", "chaos", "people"],
+        "objects": ["people/_index/index.json", "people/_people.json"],
+        "task_names": ["_read_file", "_cluster_batch"],
     }
     report = run_scenario(spec)
+    report["expected_faces"] = 600 * 6
     report["expected_photos"] = n
     return report
+
+
+def _synthetic_table(folder: Path, people: int, per: int, files: int) -> None:
+    """A prediction table of ``people`` × ``per`` faces (tight groups round random centres) in
+    ``files`` Parquet files: the people job reads one file per task."""
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(people, 128))
+    x = np.repeat(c / np.linalg.norm(c, axis=1, keepdims=True), per, axis=0) + 0.02 * rng.normal(size=(people * per, 128))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    for i, rows in enumerate(np.array_split(np.arange(len(x)), files)):
+        pq.write_table(pa.table({
+            "image_uri": [f"s3://cluster/faces-photos/{r:05d}.jpg" for r in rows], "status": ["ok"] * len(rows),
+            "face_index": pa.array(np.zeros(len(rows), np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 128)}),
+            folder / f"part-{i}.parquet")
 
 
 def test_two_nodes_run_the_scoring_job(cluster_report):
@@ -73,8 +100,19 @@ def test_training_job_writes_a_bundle_on_the_cluster(cluster_report):
     assert "s3://cluster/model" in job["output_tail"]
 
 
-def test_losing_a_worker_node_mid_job_loses_no_photo(cluster_report):
+def test_people_job_runs_its_tasks_on_both_nodes(cluster_report):
     job = cluster_report["jobs"][2]
+    assert job["returncode"] == 0, job["output_tail"]
+    assert "faceray cluster_faces summary" in job["output_tail"]
+    tasks = cluster_report["task_nodes"]
+    for name in ("_read_file", "_cluster_batch"):   # pipeline/people/spread.py: the heavy per-shard tasks
+        assert isinstance(tasks.get(name), dict) and len(tasks[name]) == 2, (name, tasks)
+    assert cluster_report["tables"]["people"]["rows"] == cluster_report["expected_faces"]
+    assert all(cluster_report["objects"].values()), cluster_report["objects"]   # people.json and the search index
+
+
+def test_losing_a_worker_node_mid_job_loses_no_photo(cluster_report):
+    job = cluster_report["jobs"][3]
     assert job["killed_raylets"], "the chaos step found no worker raylet to kill"
     assert job["returncode"] == 0, job["output_tail"]
     t = cluster_report["tables"]["chaos"]

@@ -77,12 +77,33 @@ def main(spec_path: str) -> int:
         for a in actors:
             report["actor_nodes"].setdefault(a.get("class_name", "?"), set()).add(a.get("node_id"))
         report["actor_nodes"] = {k: len(v) for k, v in report["actor_nodes"].items()}
+        report["task_nodes"] = _task_nodes(env, spec.get("task_names", []))
+        fs = s3.filesystem()
+        report["objects"] = {key: fs.get_file_info(f"cluster/{key}").type.name == "File"
+                             for key in spec.get("objects", [])}
         for check in spec.get("read_tables", []):
             report.setdefault("tables", {})[check] = _read_table(s3, check)
         _ray("stop", "--force", env=env, check=False)  # inside the namespace: only our processes
     shutil.rmtree(work, ignore_errors=True)
     print("SCENARIO-REPORT " + json.dumps(report))
     return 0
+
+
+def _task_nodes(env: dict, names: list[str]) -> dict[str, dict | str]:
+    """Task name → {node id: finished tasks of that name on it}, from Ray's state API (one
+    query per name: the API answers at most 10,000 rows)."""
+    out = {}
+    for name in names:
+        got = _ray("list", "tasks", "--detail", "--format=json", "--limit=10000", f"--filter=name={name}",
+                   "--filter=state=FINISHED", "--address=127.0.0.1:6379", env=env, check=False)
+        try:
+            out[name] = {}
+            for t in json.loads(got.stdout):
+                if t.get("node_id"):
+                    out[name][t["node_id"][:8]] = out[name].get(t["node_id"][:8], 0) + 1
+        except json.JSONDecodeError:
+            out[name] = f"ray list tasks failed: {got.stderr[-500:]}"
+    return out
 
 
 def _submit(job: dict, env: dict, worker_pids: set[int]) -> dict:
@@ -109,17 +130,24 @@ def _submit(job: dict, env: dict, worker_pids: set[int]) -> dict:
 
 
 def _read_table(s3, prefix: str) -> dict:
+    """Rows, photos and statuses of a table the jobs wrote (its Parquet parts, as
+    ``storage.table_files`` lists them: not the ``_``-named side folders)."""
     import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
 
     from pipeline import table
+    from pipeline.storage import is_hidden
 
-    try:
-        ds = pads.dataset(f"cluster/{prefix}", filesystem=s3.filesystem(), format="parquet")
-    except FileNotFoundError:  # the job wrote nothing: its output tail in the report says why
+    fs, root = s3.filesystem(), f"cluster/{prefix}"
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.path.endswith(".parquet")
+                   and not any(is_hidden(p) for p in i.path[len(root) + 1:].split("/")))
+    if not files:  # the job wrote nothing: its output tail in the report says why
         return {"rows": 0, "photos": 0, "photo_rows": 0, "columns": [], "statuses": {}, "missing": True}
-    if not ds.files:
-        return {"rows": 0, "photos": 0, "photo_rows": 0, "columns": [], "statuses": {}}
+    ds = pads.dataset(files, filesystem=fs, format="parquet")
     cols = ds.schema.names
+    if "status" not in cols:  # a people table
+        return {"rows": ds.count_rows(), "columns": cols}
     t = ds.to_table(columns=["image_uri", "status", "face_index"])
     first = table.first_rows(t)
     uris = first.column("image_uri").to_pylist()
