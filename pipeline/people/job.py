@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-
 from pipeline import storage
 from pipeline.labels import LabelState
 from pipeline.people.spread import BATCH_NODES, CAP, cluster_shards, write_shards

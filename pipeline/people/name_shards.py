@@ -4,7 +4,7 @@ Why: ``constrain`` only changes people that hold a face with a decision (a name 
 `not`); every other face keeps its number.  So only those people's faces come to the
 driver — O(faces of decided people) + O(people), not the whole table — and the new
 numbers go back to the shards as tasks.  A fresh run then renumbers people largest first
-from per-shard (person, size, first row) counts, as ``names.renumber`` would on all faces.
+from per-shard (person, size, first row) counts, as ``ids.ranked_ids`` would on all faces.
 """
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -34,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.people.spread import _read_file, _remote   # the people job's reader and task options
 
 INDEX_DIR = "_index"
 MANIFEST = "index.json"
@@ -72,12 +72,6 @@ class IndexSummary:
     def line(self) -> str:
         return (f"[index] {self.kind} (nprobe {self.nprobe}) of {self.faces} faces in {self.shards} shard(s), "
                 f"{self.bytes / 2**20:.1f} MiB → {self.uri}: {self.seconds:.1f} s")
-
-
-def _remote(fn: Callable, returns: int = 1) -> Any:
-    import ray
-
-    return ray.remote(num_cpus=1, max_retries=3, num_returns=returns)(fn)
 
 
 def _sample(x: np.ndarray, m: int, seed: int) -> np.ndarray:
@@ -161,7 +155,6 @@ def build_from_table(table_uri: str, output_uri: str, codec: str = "fp16", exact
     import ray
 
     from pipeline.people.reading import PeopleError, parquet_files
-    from pipeline.people.spread import _read_file
 
     _, files = parquet_files(table_uri)
     if not files:
