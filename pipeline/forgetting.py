@@ -10,12 +10,13 @@ forgotten, as data.
    (each file replaced whole, ``storage.put_parquet``), in Ray tasks: prediction and
    labelled tables keep every row (photo rows too) but those faces lose ``embedding``,
    ``person`` and ``name``, and any task column saying NAME becomes null; the people table
-   loses those faces' rows (its contact sheet is drawn again without them, and a search
-   index side folder ``_index/`` is removed so it is rebuilt from the table).
+   loses those faces' rows (its contact sheet is drawn again without them) and its search
+   index ``_index/`` their vectors and keys (``people/scrub.py``, ``search_index.scrub_index``:
+   search keeps working, and never finds them).  Nothing reads a whole table into one
+   process: every step is a task per part file.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,9 +27,8 @@ import pyarrow.parquet as pq
 
 from pipeline import labels, storage
 from pipeline.contract import UsageError
+from pipeline.people.names import KEYS, _KEY_SCHEMA, face_rows
 
-KEYS = ["image_uri", "face_index"]
-_KEY_SCHEMA = pa.schema([("image_uri", pa.string()), ("face_index", pa.int32())])
 
 
 @dataclass
@@ -46,33 +46,19 @@ class ForgetSummary:
                 *[f"rewritten:     {line}" for line in self.rewritten]]
 
 
-def faces_of(name: str, log: pa.Table, people: pa.Table | None) -> tuple[pa.Table, list[str]]:
-    """The faces to forget: ever named ``name`` in ``log``, or of a person the people table
-    names ``name`` (by the state before the forget); and those persons."""
-    from pipeline.people.names import person_names
+def faces_of(name: str, log: pa.Table, people_uri: str | None) -> tuple[pa.Table, list[str]]:
+    """The faces to forget: ever named ``name`` in ``log``, or of a person the people output
+    at ``people_uri`` names ``name`` (by the state before the forget); and those persons."""
+    from pipeline.people.scrub import faces_of_name
 
     named = log.filter(pc.and_(pc.equal(log.column("action"), labels.NAME), pc.equal(log.column("name"), name)))
     keys = [named.select(KEYS).cast(_KEY_SCHEMA)]
     persons: list[str] = []
-    if people is not None:
-        state = labels.replay(log)
-        persons = sorted(p for p, n in person_names(people, state).items() if n == name)
-        if persons:
-            mine = people.filter(pc.is_in(people.column("person"), pa.array(persons, pa.string())))
-            keys.append(mine.select(KEYS).cast(_KEY_SCHEMA))
+    if people_uri is not None:
+        of_persons, persons = faces_of_name(people_uri, labels.replay(log), name)
+        keys.append(of_persons)
     t = pa.concat_tables(keys).group_by(KEYS).aggregate([])
     return t.append_column("_gone", pa.array(np.ones(t.num_rows, bool))), persons
-
-
-def _gone_rows(t: pa.Table, gone: pa.Table) -> np.ndarray:
-    """Which rows of ``t`` are faces in ``gone``."""
-    keys = pa.table({"image_uri": t.column("image_uri").cast(pa.string()),
-                     "face_index": t.column("face_index").cast(pa.int32()),
-                     "_row": pa.array(np.arange(t.num_rows, dtype=np.int64))})
-    hit = keys.join(gone, keys=KEYS, join_type="inner").column("_row").to_numpy()
-    mask = np.zeros(t.num_rows, bool)
-    mask[hit] = True
-    return mask
 
 
 def scrub_part(path: str, uri: str, gone: pa.Table, name: str) -> int:
@@ -83,7 +69,7 @@ def scrub_part(path: str, uri: str, gone: pa.Table, name: str) -> int:
     t = pq.read_table(path, filesystem=fs)
     if "face_index" not in t.column_names or "image_uri" not in t.column_names:
         return 0
-    mask = _gone_rows(t, gone)
+    mask = face_rows(t, gone)
     changed = mask.copy()
     cols = {}
     for i, f in enumerate(t.schema):
@@ -123,67 +109,24 @@ def scrub_table(uri: str, gone: pa.Table, name: str) -> tuple[int, int, int]:
     return sum(changed), sum(1 for c in changed if c), len(files)
 
 
-def scrub_people(uri: str, gone: pa.Table, name: str) -> tuple[int, int]:
-    """The people table without the forgotten faces (sizes counted again), its contact
-    sheet drawn again and any ``_index/`` side folder removed: (rows removed, rows kept)."""
-    from pipeline.people.output import write_table, write_text
-    from pipeline.people.reading import parquet_files
-    from pipeline.people.search_index import remove_index
-    from pipeline.people.sheet import contact_sheet
-
-    import pyarrow.dataset as pads
-
-    fs, files = parquet_files(uri)
-    t = pads.dataset(files, filesystem=fs, format="parquet").to_table()
-    mask = _gone_rows(t, gone)
-    t = t.filter(pa.array(~mask))
-    if "name" in t.column_names:
-        i = t.column_names.index("name")
-        t = t.set_column(i, t.schema.field(i), pc.if_else(pc.fill_null(pc.equal(t.column(i), name), False),
-                                                          pa.nulls(t.num_rows, pa.string()), t.column(i)))
-    if "person_size" in t.column_names and t.num_rows:
-        sizes = t.group_by("person").aggregate([("person", "count")])
-        size = pc.take(sizes.column("person_count"), pc.index_in(t.column("person"), sizes.column("person")))
-        t = t.set_column(t.column_names.index("person_size"), "person_size", size.cast(pa.int32()))
-    write_table(uri, t)
-    _, root = storage.resolve(uri)
-    try:
-        with fs.open_input_stream(f"{root}/_people.json") as f:
-            meta = json.loads(f.read())
-    except (OSError, ValueError):
-        meta = None
-    if meta is not None:
-        meta["faces"] = t.num_rows
-        meta["forgotten_faces"] = int(meta.get("forgotten_faces", 0)) + int(mask.sum())
-        meta.get("names", {}).pop(name, None)
-        if t.num_rows and "source_table" in meta:
-            sheet = contact_sheet(t, meta["source_table"], meta, 40)
-            write_text(uri, "_people.html", getattr(sheet, "html", sheet))
-        write_text(uri, "_people.json", json.dumps(meta, indent=2))
-    remove_index(uri)
-    return int(mask.sum()), t.num_rows
-
-
 def forget(name: str, labels_uri: str | None, table_uri: str | None = None, people_uri: str | None = None,
            output_uri: str | None = None, author: str | None = None,
            log: Callable[[str], None] = print) -> ForgetSummary:
     """The whole ``--forget``: checks first (one-line errors, nothing written), then the
     log row, then the tables (see the module docstring)."""
-    from pipeline.people import read_people
+    from pipeline.people.scrub import scrub_people
+    from pipeline.people.search_index import scrub_index
 
     name = labels.clean_name(name)
     if not labels_uri:
         raise UsageError("--forget needs --labels (the forget row is what keeps NAME forgotten)")
     log_rows = labels.read(labels_uri)
-    people = None
-    if people_uri:
-        people = read_people(people_uri)
-        if people is None:
-            raise UsageError(f"--people {people_uri}: no people table there (a cluster_faces.py output)")
+    if people_uri and not storage.table_files(people_uri)[1]:
+        raise UsageError(f"--people {people_uri}: no people table there (a cluster_faces.py output)")
     for flag, uri in (("--table", table_uri), ("--output", output_uri)):
         if uri and not storage.table_files(uri)[1]:
             raise UsageError(f"{flag} {uri}: no Parquet files there")
-    gone, persons = faces_of(name, log_rows, people)
+    gone, persons = faces_of(name, log_rows, people_uri)
     summary = ForgetSummary(name, gone.num_rows, persons)
     summary.log_file = labels.append(labels_uri, labels.decisions(labels.FORGET, name, author=author,
                                                                   source="label_table --forget"))
@@ -196,8 +139,10 @@ def forget(name: str, labels_uri: str | None, table_uri: str | None = None, peop
             summary.rewritten.append(line)
             log(line)
     if people_uri:
-        removed, kept = scrub_people(people_uri, gone, name)
-        line = f"{people_uri} (--people): {removed} face rows removed, {kept} kept; contact sheet redrawn"
+        s = scrub_people(people_uri, gone, name)
+        index = scrub_index(people_uri, gone, s.new_files, s.old_files)
+        line = (f"{people_uri} (--people): {s.removed} face rows removed, {s.kept} kept, {s.rewritten} of "
+                f"{s.files} part files rewritten; contact sheet redrawn; {index}")
         summary.rewritten.append(line)
         log(line)
     return summary

@@ -304,7 +304,9 @@ def test_forget_clears_tables_people_search_and_later_runs(named, tmp_path):
     assert p.merge(a_keys, on=["image_uri", "face_index"]).empty and a not in set(p.name.dropna())
     lab = pd.read_parquet(out)
     assert a not in set(lab.name.dropna()) and lab.merge(a_keys, on=["image_uri", "face_index"]).embedding.isna().all()
-    hits = FaceIndex.from_uris(table, people).search(np.asarray(query, np.float32)[None], k=50)[0]
+    index = FaceIndex.from_uris(table, people)
+    assert "_index" in index.source and index.index.ntotal == len(p)   # the people job's index, scrubbed
+    hits = index.search(np.asarray(query, np.float32)[None], k=50)[0]
     assert not {(u, i) for u, i, _, _ in hits} & set(zip(a_keys.image_uri, a_keys.face_index))
     # later runs never name anyone A
     again = str(tmp_path / "people2")

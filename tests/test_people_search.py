@@ -87,3 +87,66 @@ def test_ivf_index_finds_what_exact_search_finds(ray_cluster, tmp_path, codec, l
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
     assert recall >= least, recall
     assert all(p is None for h in hits for *_, p in h)              # no people job: person null
+
+
+def _gone(uris: list[str]) -> "pa.Table":
+    import pyarrow as pa
+
+    return pa.table({"image_uri": uris, "face_index": pa.array(np.zeros(len(uris), np.int32)),
+                     "_gone": np.ones(len(uris), bool)})
+
+
+def test_forget_scrubs_people_parts_and_index_in_tasks(ray_cluster, tmp_path):
+    """``--forget``'s people step (people/scrub.py) over 3 part files: the forgotten faces'
+    rows go, every part holding their persons is rewritten with the sizes counted again,
+    the json and sheet follow; the index loses their vectors and keys yet stays in use."""
+    from pipeline.people.scrub import scrub_people
+
+    x, _ = _faces(30, 10, seed=9)
+    table, out = _table(tmp_path, x, files=4), str(tmp_path / "people")   # parts of photos 0-74, 75-149, …
+    job.cluster_table(table, out, sheet_people=3)
+    (tmp_path / "people" / "_people.html").unlink()
+    before = _people(out).set_index("image_uri")
+    big, other = before.person["photo000070.jpg"], before.person["photo000299.jpg"]   # parts 0+1, part 3
+    lost = list(before.index[before.person == big]) + ["photo000299.jpg"]
+    old_files = people.parquet_files(out)[1]
+    s = scrub_people(out, _gone(lost), "nobody")
+    assert s.removed == len(lost) and s.kept == len(x) - len(lost) and s.files == 4 and s.rewritten == 3
+    assert set(old_files) - set(s.old_files) == set() and len(set(old_files) & set(s.new_files)) == 1  # part 2 kept
+    before = before.reset_index()
+    after = _people(out)
+    want = before[~before.image_uri.isin(lost)].reset_index(drop=True)
+    assert after[["image_uri", "face_index", "person"]].equals(want[["image_uri", "face_index", "person"]])
+    assert (after.person_size == after.groupby("person").person.transform("size")).all()   # sizes counted again
+    meta = json.loads((tmp_path / "people" / "_people.json").read_text())
+    assert meta["faces"] == len(after) and meta["people"] == after.person.nunique()
+    assert meta["forgotten_faces"] == len(lost) and (tmp_path / "people" / "_people.html").exists()
+    line = search_index.scrub_index(out, _gone(lost), s.new_files, old_files)
+    assert f"{len(lost)} faces removed" in line
+    index = FaceIndex.from_uris(table, out)
+    assert "_index" in index.source and index.index.ntotal == len(after)
+    rows = [int(u[5:11]) for u in lost] + [int(u[5:11]) for u in after.image_uri[:20]]
+    hits = index.search(x[rows], k=20)
+    assert not {u for h in hits for u, *_ in h} & set(lost)       # never found again
+    assert all(h[0][0] == f"photo{r:06d}.jpg" for h, r in zip(hits[len(lost):], rows[len(lost):]))
+    manifest = json.loads((tmp_path / "people" / "_index" / "index.json").read_text())
+    named = {"index.json"} | {sh[k] for sh in manifest["shards"] for k in ("index", "keys")}
+    assert {p.name for p in (tmp_path / "people" / "_index").iterdir()} == named       # replaced shards' files gone
+    assert sum("-forget-" in sh["index"] for sh in manifest["shards"]) == 3            # shard 2 held none of them
+
+
+def test_forget_scrubs_an_ivf_index(ray_cluster, tmp_path):
+    """IVF lists keep the manifest's sizes after a scrub (the replica sizes lists from it)."""
+    x, _ = _faces(200, 20, seed=3, noise=0.05)
+    table, out = _table(tmp_path, x, files=4), str(tmp_path / "people")
+    search_index.build_from_table(table, out, "fp16", exact_max=1000)
+    lost = [f"photo{i:06d}.jpg" for i in range(0, len(x), 7)]
+    line = search_index.scrub_index(out, _gone(lost), [], [])
+    assert f"{len(lost)} faces removed" in line
+    loaded, why = search_index.open_index(out)
+    assert loaded is not None, why
+    assert loaded.index.ntotal == len(x) - len(lost) == loaded.manifest["faces"]
+    keep = np.setdiff1d(np.arange(len(x)), np.arange(0, len(x), 7))[:100]
+    hits = FaceIndex.from_uris(table, out).search(x[keep], k=10)
+    assert all(h[0][0] == f"photo{r:06d}.jpg" for h, r in zip(hits, keep))
+    assert not {u for h in hits for u, *_ in h} & set(lost)

@@ -42,6 +42,15 @@ def _keys(t: pa.Table) -> pa.Table:
                      "_row": pa.array(np.arange(t.num_rows, dtype=np.int64))})
 
 
+def face_rows(t: pa.Table, faces: pa.Table) -> np.ndarray:
+    """Which rows of ``t`` are faces listed in ``faces`` (``image_uri``, ``face_index``, each
+    face once): a boolean mask (forgetting's faces, in a part, an index shard's keys)."""
+    hit = _keys(t).join(faces.select(KEYS).cast(_KEY_SCHEMA), keys=KEYS, join_type="inner").column("_row")
+    mask = np.zeros(t.num_rows, bool)
+    mask[hit.to_numpy()] = True
+    return mask
+
+
 def _lookup(keys: pa.Table, other: pa.Table, on: list[str], column: str) -> pa.Array:
     """``other[column]`` for each row of ``keys`` (null where ``other`` has no match; ``other``
     must hold each key at most once)."""
@@ -76,7 +85,12 @@ def named_faces(people: pa.Table, state: labels.LabelState) -> pa.Table:
 def person_names(people: pa.Table, state: labels.LabelState) -> dict[str, str]:
     """person id -> its name: the name most of its named faces have (faces marked `not`
     that name and forgotten names don't count); persons without a named face are absent."""
-    votes = named_faces(people, state)
+    return names_from_votes(named_faces(people, state))
+
+
+def names_from_votes(votes: pa.Table) -> dict[str, str]:
+    """``person_names`` from the (``person``, ``name``) votes of ``named_faces``: they can be
+    gathered part by part (``people/scrub.py``) with only the named faces in one process."""
     if votes.num_rows == 0:
         return {}
     counts = votes.group_by(["person", "name"]).aggregate([("name", "count")]).to_pandas()

@@ -5,6 +5,7 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from pipeline import stopping, storage
 from pipeline.people.reading import parquet_files
@@ -40,3 +41,24 @@ def write_table(output_uri: str, table: pa.Table) -> list[str]:
 def write_text(output_uri: str, name: str, text: str) -> None:
     fs, path = storage.resolve(output_uri)
     storage.put_atomic(fs, f"{path}/{name}", text.encode())
+
+
+def publish(output_uri: str, moves: list[tuple[str, str]], old: list[str], work: str | None = None) -> None:
+    """Put the part files tasks wrote under ``work`` (a ``_work/<run>`` side folder) in place:
+    each moved to its ``part-…`` name (paths relative to the output), then the ``old`` files
+    (full paths) deleted, a Ctrl-C waiting meanwhile (never old and new people side by side);
+    then the side folder goes."""
+    fs, path = storage.resolve(output_uri)
+    with stopping.deferred():
+        for src, dst in moves:
+            fs.move(f"{path}/{src}", f"{path}/{dst}")
+        for p in old:
+            fs.delete_file(p)
+    if work is None:
+        return
+    try:
+        fs.delete_dir(f"{path}/{work}")
+        if not fs.get_file_info(pafs.FileSelector(f"{path}/_work", allow_not_found=True)):
+            fs.delete_dir(f"{path}/_work")
+    except OSError:
+        pass   # an empty side folder left behind is harmless

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.people.names import face_rows
 from pipeline.people.spread import _read_file, _remote   # the people job's reader and task options
 
 INDEX_DIR = "_index"
@@ -104,11 +106,7 @@ def _add(trained: np.ndarray, lo: int, keys: pa.Table, x: np.ndarray, nums: np.n
     storage.put_parquet(fs, f"{path}/{INDEX_DIR}/{stem}.keys.parquet",
                         keys.select(["image_uri", "face_index"]).append_column("person", person))
     storage.put_atomic(fs, f"{path}/{INDEX_DIR}/{stem}.faiss", data)
-    try:
-        lists = faiss.extract_index_ivf(index).invlists
-        return len(data), [int(lists.list_size(i)) for i in range(lists.nlist)]
-    except RuntimeError:            # a flat index has no lists
-        return len(data), []
+    return len(data), _list_sizes(index).tolist()
 
 
 def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, output_uri: str, run_id: str,
@@ -140,13 +138,89 @@ def write_index(keys: list, xs: list, nums: list | None, bounds: np.ndarray, out
                 "shards": [{"index": f"{s}.faiss", "keys": f"{s}.keys.parquet", "first": int(bounds[i]),
                             "rows": int(counts[i])} for i, s in enumerate(stems)],
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.put_atomic(fs, f"{path}/{INDEX_DIR}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
-    for info in fs.get_file_info(pafs.FileSelector(f"{path}/{INDEX_DIR}", allow_not_found=True)):
-        name = info.path.rsplit("/", 1)[-1]
-        if name != MANIFEST and not name.startswith(run_id):
-            fs.delete_file(info.path)          # an older run's shards, after the new manifest
+    _commit(output_uri, manifest)
     return IndexSummary(n, kind, nprobe, len(xs), int(sum(sizes)), time.monotonic() - t0,
                         f"{output_uri.rstrip('/')}/{INDEX_DIR}")
+
+
+def _commit(output_uri: str, manifest: dict) -> None:
+    """Write the manifest, then delete every file under ``_index/`` it does not name (an older
+    run's shards, or shards a scrub replaced): a reader finds the old index or the new one."""
+    fs, path = storage.resolve(output_uri)
+    storage.put_atomic(fs, f"{path}/{INDEX_DIR}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    named = {MANIFEST} | {s[k] for s in manifest["shards"] for k in ("index", "keys")}
+    for info in fs.get_file_info(pafs.FileSelector(f"{path}/{INDEX_DIR}", allow_not_found=True)):
+        if info.path.rsplit("/", 1)[-1] not in named:
+            fs.delete_file(info.path)
+
+
+def _list_sizes(index: faiss.Index) -> np.ndarray:
+    try:
+        lists = faiss.extract_index_ivf(index).invlists
+    except RuntimeError:            # a flat index has no lists
+        return np.zeros(0, np.int64)
+    return np.asarray([lists.list_size(i) for i in range(lists.nlist)], np.int64)
+
+
+def _scrub_shard(output_uri: str, shard: dict, stem: str, gone: pa.Table) -> tuple[dict, np.ndarray, int]:
+    """A Ray task: one shard without the faces in ``gone`` (image_uri, face_index), written
+    as new files ``stem``: their vectors removed from the faiss index, their keys rows left
+    in place (row = id - first) with image_uri and person nulled → (the shard's manifest
+    entry, its change in faces per IVF list, faces removed).  A shard without them is kept."""
+    
+    faiss.omp_set_num_threads(1)
+    fs, path = storage.resolve(output_uri)
+    root = f"{path}/{INDEX_DIR}"
+    keys = pq.read_table(f"{root}/{shard['keys']}", filesystem=fs)
+    mask = face_rows(keys, gone)
+    if not mask.any():
+        return shard, np.zeros(0, np.int64), 0
+    with fs.open_input_file(f"{root}/{shard['index']}") as f:
+        index = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
+    before = _list_sizes(index)
+    removed = int(index.remove_ids(np.asarray(shard["first"] + np.flatnonzero(mask), np.int64)))
+    drop = pa.array(mask)
+    for col in ("image_uri", "person"):
+        i = keys.column_names.index(col)
+        keys = keys.set_column(i, keys.field(i), pc.if_else(drop, pa.scalar(None, keys.field(i).type), keys.column(i)))
+    storage.put_parquet(fs, f"{root}/{stem}.keys.parquet", keys)
+    storage.put_atomic(fs, f"{root}/{stem}.faiss", faiss.serialize_index(index).tobytes())
+    return {**shard, "index": f"{stem}.faiss", "keys": f"{stem}.keys.parquet"}, _list_sizes(index) - before, removed
+
+
+def scrub_index(output_uri: str, gone: pa.Table, people_files: list[str], stale_unless: list[str]) -> str:
+    """``--forget``: the search index without the faces in ``gone``, shard by shard in Ray
+    tasks, so search keeps working (and never finds them) without the people job running
+    again.  An index written for other people files than ``stale_unless`` (the output before
+    the forget) is removed instead.  ``people_files``: the output's files now.  A line saying
+    what happened."""
+    import ray
+
+    fs, path = storage.resolve(output_uri)
+    try:
+        with fs.open_input_stream(f"{path}/{INDEX_DIR}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        return "no search index"
+    def names(files: list[str]) -> list[str]:
+        return sorted(p.rsplit("/", 1)[-1] for p in files)
+
+    if manifest.get("people_files") and manifest["people_files"] != names(stale_unless):
+        remove_index(output_uri)
+        return "search index removed (it described older people files)"
+    run = f"{time.strftime('%Y%m%dT%H%M%S')}-forget"
+    task, ref = _remote(_scrub_shard, 3), ray.put(gone)
+    done = [task.remote(output_uri, s, f"{run}-{i:05d}", ref) for i, s in enumerate(manifest["shards"])]
+    shards, changes, removed = (ray.get([d[j] for d in done]) for j in range(3))
+    sizes = np.asarray(manifest.get("list_sizes") or [], np.int64)
+    for change in changes:
+        if len(change) and len(sizes):
+            sizes = sizes + change
+    _commit(output_uri, {**manifest, "shards": shards, "faces": int(manifest["faces"]) - sum(removed),
+                         "list_sizes": sizes.tolist(),
+                         "people_files": names(people_files) if manifest.get("people_files") else [],
+                         "forgotten_faces": int(manifest.get("forgotten_faces", 0)) + sum(removed)})
+    return f"search index: {sum(removed)} faces removed, {int(manifest['faces']) - sum(removed)} kept"
 
 
 def build_from_table(table_uri: str, output_uri: str, codec: str = "fp16", exact_max: int = EXACT_MAX) -> IndexSummary:

@@ -33,12 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.people.graph import gathered, shard_edges, split_big
 from pipeline.people.ids import person_numbers, person_strings
-from pipeline.people.output import PEOPLE_SCHEMA
+from pipeline.people.output import PEOPLE_SCHEMA, publish
 from pipeline.table import embedding_matrix
 
 BATCH_NODES = 50_000      # faces per clustering task (whole components): small enough to keep every CPU busy
@@ -452,7 +451,6 @@ def write_shards(c: Clustered, output_uri: str, run_id: str, sheet_people: int =
     (here, a first Ctrl-C deferred) those moved in as ``part-<run_id>-<shard>.parquet`` and the
     older parts removed: readers never see old and new people side by side, nor half of them.
     ``names``: the (person, name) table of ``names.person_name_table``."""
-    from pipeline import stopping
     from pipeline.people.reading import parquet_files
 
     import ray
@@ -471,17 +469,7 @@ def write_shards(c: Clustered, output_uri: str, run_id: str, sheet_people: int =
     sheet_rows = pa.concat_tables(ray.get([w[1] for w in written]))
     _, old = parquet_files(output_uri)
     files = [f"part-{run_id}-{i:05d}.parquet" for i in range(len(parts))]
-    with stopping.deferred():
-        for part, name in zip(parts, files):
-            fs.move(f"{path}/{part}", f"{path}/{name}")
-        for p in old:
-            fs.delete_file(p)
-    try:
-        fs.delete_dir(f"{path}/{work}")
-        if not fs.get_file_info(pafs.FileSelector(f"{path}/_work", allow_not_found=True)):
-            fs.delete_dir(f"{path}/_work")
-    except OSError:
-        pass   # an empty side folder left behind is harmless
+    publish(output_uri, list(zip(parts, files)), old, work)
     return Written(files, sheet_rows, stats["people"], stats["singletons"], stats["largest"], time.monotonic() - t1)
 
 
