@@ -17,6 +17,8 @@
    real person's at cos ≈ 0.86–0.92, up to the 100:1 threshold), clustered by
    jobs/cluster_faces.py with each ``--edge-rule``: BCubed P and R on the real people and
    on everyone, side by side.
+5. Forget (``--forget N``, after ``--scale N``): ``label_table.py --forget`` on that people
+   output, its driver's and processes' memory beside the table read whole in one process.
 """
 from __future__ import annotations
 
@@ -318,17 +320,59 @@ def write_table(x: np.ndarray, folder: Path, rows_per_file: int = 50_000) -> Non
             folder / f"part-{i:05d}.parquet")
 
 
-def run_job(table: Path, out: Path, rule: str) -> tuple[float, PeakRss, str]:
-    """jobs/cluster_faces.py as a user runs it (its own local Ray, 2 CPUs), measured from outside."""
-    cmd = [sys.executable, str(ROOT / "jobs/cluster_faces.py"), "--table", str(table), "--output", str(out),
-           "--num-cpus", "2", "--sheet-people", "2", "--edge-rule", rule]
+def measured(cmd: list[str]) -> tuple[float, PeakRss, str]:
+    """A command in its own process, its wall time and its process tree's memory and CPU
+    sampled from outside."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with PeakRss(proc.pid) as mem:
         log, _ = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"cluster_faces.py failed ({proc.returncode}):\n{log[-3000:]}")
+        raise RuntimeError(f"{Path(cmd[1]).name} failed ({proc.returncode}):\n{log[-3000:]}")
     return time.monotonic() - t0, mem, log
+
+
+def run_job(table: Path, out: Path, rule: str) -> tuple[float, PeakRss, str]:
+    """jobs/cluster_faces.py as a user runs it (its own local Ray, 2 CPUs), measured from outside."""
+    return measured([sys.executable, str(ROOT / "jobs/cluster_faces.py"), "--table", str(table), "--output",
+                     str(out), "--num-cpus", "2", "--sheet-people", "2", "--edge-rule", rule])
+
+
+def forget(n: int, rule: str, work: Path) -> None:
+    """``label_table.py --forget`` on (a copy of) the people output of the n-face scale run:
+    one face of its largest person is named, then that name forgotten (the person's every
+    face leaves the people table and its search index).  Beside it, what the previous
+    ``--forget`` did first: the people table read whole into one process."""
+    import shutil
+
+    from pipeline import labels
+
+    src = work / f"people_{n}_{rule}"
+    if not src.exists():
+        raise SystemExit(f"--forget {n}: no {src} (run --scale {n} first)")
+    out, log = work / f"forget_{n}", work / f"forget_{n}_labels"
+    for d in (out, log):
+        shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, out)
+    head = pd.read_parquet(out, columns=["image_uri", "face_index", "person", "person_size"],
+                           filters=[("person", "==", "p000001")])
+    labels.append(str(log), labels.decisions("name", "Bench Person", [(head.image_uri.iloc[0], 0)]))
+    print(f"\n## forget: label_table.py --forget on a copy of {src.name} (person p000001, {len(head)} faces)")
+    whole = [sys.executable, "-c", "import resource, sys, pyarrow.dataset as d; t = d.dataset(sys.argv[1]).to_table(); "
+             "print(t.num_rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)", str(src)]
+    wall, _, text = measured(whole)
+    rows, kib = text.split()[:2]
+    print(f"the people table read whole in one process (the previous --forget's first step): {wall:.1f} s, "
+          f"peak RSS {int(kib) / 2**20:.2f} GiB ({rows} rows)")
+    wall, mem, text = measured([sys.executable, str(ROOT / "jobs/label_table.py"), "--forget", "Bench Person",
+                                "--labels", str(log), "--people", str(out), "--num-cpus", "2"])
+    print(f"label_table.py --forget: wall {wall:.1f} s, CPU {mem.cpu_seconds:.0f} s, peak RSS: driver "
+          f"{mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB "
+          f"({mem.private / 2**30:.2f} GiB less shared pages), all {mem.peak / 2**30:.2f} GiB")
+    print(f"    largest workers by the task they ran: {mem.largest()}")
+    for line in text.splitlines():
+        if line.startswith(("forgotten:", "rewritten:")):
+            print("   ", line.strip())
 
 
 def scale(x_real: np.ndarray, sizes: list[int], rule: str, work: Path) -> None:
@@ -446,12 +490,17 @@ def main() -> int:
     ap.add_argument("--skip-accuracy", action="store_true", help="scale runs only")
     ap.add_argument("--lookalikes", type=int, metavar="N",
                     help="hide the real faces among N look-alike faces and compare the edge rules (only this step)")
+    ap.add_argument("--forget", type=int, metavar="N",
+                    help="forget a person in the N-face scale run's people output (only this step)")
     args = ap.parse_args()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
     work = Path(args.work)
+    if args.forget:
+        forget(args.forget, args.rule, work)
+        return 0
     tables = args.tables or score_tables(work)
     x, df = load(tables)
     if args.lookalikes:
