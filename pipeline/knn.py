@@ -200,9 +200,28 @@ def _group_index(trained: np.ndarray, los: list[int], *parts: np.ndarray) -> np.
     return to_bytes(index)
 
 
+def _assign(trained: np.ndarray, x: np.ndarray, mask: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """The masked rows' ``nprobe`` nearest IVF lists (similarities, list numbers), once per
+    query shard: every index group shares the trained centroids, so each group's search
+    takes them as they are rather than assigning every query to every list again (that
+    assignment was most of the kNN's cost once a table spans several groups)."""
+    faiss.omp_set_num_threads(1)
+    index = from_bytes(trained)                  # held: the lists' quantizer lives in it
+    return faiss.extract_index_ivf(index).quantizer.search(np.ascontiguousarray(x[mask], np.float32), nprobe)
+
+
 def _search_masked(index_bytes: np.ndarray, x: np.ndarray, mask: np.ndarray, k: int,
-                   nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-    return _search(index_bytes, np.ascontiguousarray(x[mask]), 0, int(mask.sum()), k, nprobe)
+                   nprobe: int | None, lists_s: np.ndarray | None = None,
+                   lists_i: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the masked rows against one index group; with their IVF lists already
+    assigned (``_assign``), only those lists are scanned."""
+    if lists_i is None:
+        return _search(index_bytes, np.ascontiguousarray(x[mask]), 0, int(mask.sum()), k, nprobe)
+    faiss.omp_set_num_threads(1)
+    index = from_bytes(index_bytes)
+    ivf = faiss.extract_index_ivf(index)         # a view into ``index``, which must outlive it
+    ivf.nprobe = lists_i.shape[1]
+    return ivf.search_preassigned(np.ascontiguousarray(x[mask], np.float32), k, lists_i, lists_s)
 
 
 def _finish(finish: Callable, k: int, lo: int, mask: np.ndarray, *got: np.ndarray):
@@ -212,13 +231,14 @@ def _finish(finish: Callable, k: int, lo: int, mask: np.ndarray, *got: np.ndarra
 
 def topk_refs(xs: list, masks: list, bounds: np.ndarray, k: int, finish: Callable,
               exact_max: int = EXACT_MAX, db_rows: int = SHARD_DB_ROWS,
-              nprobe: int | None = None) -> tuple[list, str]:
+              nprobe: int | None = None, preassign: bool = True) -> tuple[list, str]:
     """Per shard, a Ray ref to ``finish(sims, ids, rows)`` of its masked rows' top-k among
     every shard's masked rows (ids are global row numbers: shard i starts at bounds[i]).
 
     The embeddings stay in the object store as the read tasks left them: an index task per
-    group of shards (≤ ``db_rows`` faces), a search task per (shard × index), a merge task
-    per shard that runs ``finish`` (the edge rule) — the N×k lists never meet in one place."""
+    group of shards (≤ ``db_rows`` faces), for IVF an assignment task per shard (its rows'
+    lists, once), a search task per (shard × index), a merge task per shard that runs
+    ``finish`` (the edge rule) — the N×k lists never meet in one place."""
     import ray
 
     def remote(fn, returns=1):
@@ -228,15 +248,18 @@ def topk_refs(xs: list, masks: list, bounds: np.ndarray, k: int, finish: Callabl
     n = int(counts.sum())
     k = max(1, min(k, n))
     d = 128
+    assign = None
     if n <= exact_max:
         trained, kind = ray.put(to_bytes(faiss.IndexFlatIP(d))), "flat (exact)"
     else:
         nlist = ivf_lists(n)
+        nprobe = nprobe or default_nprobe(nlist)
         want = nlist * TRAIN_PER_LIST
         samples = [remote(_sample).remote(x, m, int(np.ceil(want * c / n)), i)
                    for i, (x, m, c) in enumerate(zip(xs, masks, counts)) if c]
         trained = remote(_train).remote(nlist, *samples)
-        kind = f"IVF{nlist},Flat nprobe {nprobe or default_nprobe(nlist)}"
+        kind = f"IVF{nlist},Flat nprobe {nprobe}"
+        assign = remote(_assign, 2) if preassign else None   # False: each group assigns again (benchmarks)
     groups, cur, size = [], [], 0
     for i, c in enumerate(counts):
         if cur and size + c > db_rows:
@@ -252,7 +275,8 @@ def topk_refs(xs: list, masks: list, bounds: np.ndarray, k: int, finish: Callabl
         indexes.append(group_task.remote(trained, [int(bounds[i]) for i in g], *parts))
     out = []
     for i, (x, m) in enumerate(zip(xs, masks)):
-        got = [r for ix in indexes for r in search.remote(ix, x, m, k, nprobe)]
+        lists = assign.remote(trained, x, m, nprobe) if assign is not None else (None, None)
+        got = [r for ix in indexes for r in search.remote(ix, x, m, k, nprobe, *lists)]
         out.append(merge.remote(finish, k, int(bounds[i]), m, *got))
     note = (f"{n} faces, k={k}, index {kind}, {len(groups)} index task(s) × {len(xs)} query shard(s) "
             f"as Ray tasks")
