@@ -120,6 +120,9 @@ def test_forget_scrubs_people_parts_and_index_in_tasks(ray_cluster, tmp_path):
     assert (after.person_size == after.groupby("person").person.transform("size")).all()   # sizes counted again
     meta = json.loads((tmp_path / "people" / "_people.json").read_text())
     assert meta["faces"] == len(after) and meta["people"] == after.person.nunique()
+    sizes = after.groupby("person").size()
+    assert meta["largest"] == sizes.max() and meta["people_2plus"] == (sizes >= 2).sum()
+    assert meta["single_faces"] == (sizes == 1).sum()
     assert meta["forgotten_faces"] == len(lost) and (tmp_path / "people" / "_people.html").exists()
     line = search_index.scrub_index(out, _gone(lost), s.new_files, old_files)
     assert f"{len(lost)} faces removed" in line

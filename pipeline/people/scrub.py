@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import labels, storage
@@ -172,12 +173,19 @@ def scrub_people(uri: str, gone: pa.Table, name: str, n_people: int = SHEET_PEOP
         meta["people"] = int(meta["people"]) - int((left == 0).sum())
     if "people_2plus" in meta:
         meta["people_2plus"] = int(meta["people_2plus"]) - int(((size >= 2) & (left < 2)).sum())
+    if "single_faces" in meta:
+        meta["single_faces"] = int(meta["single_faces"]) + int(((size >= 2) & (left == 1)).sum()) - int(
+            ((size == 1) & (left == 0)).sum())
     meta.get("names", {}).pop(name, None)
     meta["files"] = [p.rsplit("/", 1)[-1] for p in s.new_files]
+    top = pa.concat_tables(sheet_rows, promote_options="default")
+    if "largest" in meta:
+        meta["largest"] = int(pc.max(top.column("person_size")).as_py() or 0) if top.num_rows else 0
     if s.kept and "source_table" in meta:
-        rows_ = pa.concat_tables(sheet_rows, promote_options="default")
-        sheet = contact_sheet(rows_, meta["source_table"], meta, n_people, per_person)
+        sheet = contact_sheet(top, meta["source_table"], meta, n_people, per_person)
         meta.update(sheet_faces=sheet.faces, sheet_unreadable=sheet.unreadable)
         write_text(uri, "_people.html", sheet.html)
+    elif fs.get_file_info(f"{root}/_people.html").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/_people.html")     # nobody left: the old sheet showed the forgotten faces
     write_text(uri, "_people.json", json.dumps(meta, indent=2))
     return s
