@@ -41,7 +41,7 @@ for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLE
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline import knn, people  # noqa: E402
+from pipeline import knn, people, store_pages  # noqa: E402
 from pipeline.people.graph import RULES  # noqa: E402
 
 DLIB_RAW_NORM = 1.433                                   # measured mean norm of raw descriptors
@@ -320,11 +320,12 @@ def write_table(x: np.ndarray, folder: Path, rows_per_file: int = 50_000) -> Non
             folder / f"part-{i:05d}.parquet")
 
 
-def measured(cmd: list[str]) -> tuple[float, PeakRss, str]:
-    """A command in its own process, its wall time and its process tree's memory and CPU
-    sampled from outside."""
+def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, PeakRss, str]:
+    """A command in its own process (``env``: variables added to ours), its wall time and
+    its process tree's memory and CPU sampled from outside."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     with PeakRss(proc.pid) as mem:
         log, _ = proc.communicate()
     if proc.returncode:
@@ -332,10 +333,10 @@ def measured(cmd: list[str]) -> tuple[float, PeakRss, str]:
     return time.monotonic() - t0, mem, log
 
 
-def run_job(table: Path, out: Path, rule: str) -> tuple[float, PeakRss, str]:
+def run_job(table: Path, out: Path, rule: str, env: dict[str, str] | None = None) -> tuple[float, PeakRss, str]:
     """jobs/cluster_faces.py as a user runs it (its own local Ray, 2 CPUs), measured from outside."""
     return measured([sys.executable, str(ROOT / "jobs/cluster_faces.py"), "--table", str(table), "--output",
-                     str(out), "--num-cpus", "2", "--sheet-people", "2", "--edge-rule", rule])
+                     str(out), "--num-cpus", "2", "--sheet-people", "2", "--edge-rule", rule], env)
 
 
 def forget(n: int, rule: str, work: Path) -> None:
@@ -375,33 +376,39 @@ def forget(n: int, rule: str, work: Path) -> None:
             print("   ", line.strip())
 
 
-def scale(x_real: np.ndarray, sizes: list[int], rule: str, work: Path) -> None:
+def scale(x_real: np.ndarray, sizes: list[int], rule: str, work: Path, keep_pages: bool = False) -> None:
+    """``keep_pages``: each size also run first with the workers keeping the object-store
+    pages they read (``pipeline/store_pages.py`` off), the two side by side."""
     print(f"\n## scale: jobs/cluster_faces.py on synthetic tables (its own local Ray, 2 CPUs), edge rule {rule}")
+    variants = [("store pages kept", {store_pages.KEEP_ENV: "1"})] if keep_pages else []
+    variants.append(("store pages released", {}))
     for n in sizes:
         x, lab = synthesise(x_real, n)
         table, out = work / f"synthetic_{n}", work / f"people_{n}_{rule}"
         if not table.exists():
             write_table(x, table)
         del x
-        load = os.getloadavg()[0]
-        wall, mem, log = run_job(table, out, rule)
-        steps = [line for line in log.splitlines() if line.startswith(("[kNN]", "[components]", "seconds:"))]
-        pred = pd.read_parquet(out, columns=["image_uri", "person"])
-        row = pred.image_uri.str.slice(2, 11).astype(np.int64).to_numpy()
-        sub = np.random.default_rng(1).choice(n, size=min(n, 200_000), replace=False)
-        truth = np.empty(n, np.int64)
-        truth[row] = np.arange(n)
-        person = pred.person.to_numpy()[truth[sub]]
-        p, r, f = bcubed(lab[sub], person)
-        print(f"N={n}: wall {wall:.1f} s (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
-              f"CPU {mem.cpu_seconds:.0f} s (≈ {mem.cpu_seconds / 2:.0f} s wall on 2 idle cores), "
-              f"peak RSS: driver {mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB "
-              f"({mem.private / 2**30:.2f} GiB less the object store's shared pages), "
-              f"all {mem.peak / 2**30:.2f} GiB; people {pred.person.nunique()} vs {lab.max() + 1} true; "
-              f"BCubed P {p:.4f} R {r:.4f} F {f:.4f}")
-        print(f"    largest workers by the task they ran: {mem.largest()}")
-        for line in steps:
-            print("   ", line.strip())
+        for variant, env in variants:
+            load = os.getloadavg()[0]
+            wall, mem, log = run_job(table, out, rule, env)
+            steps = [line for line in log.splitlines() if line.startswith(("[kNN]", "[components]", "seconds:"))]
+            pred = pd.read_parquet(out, columns=["image_uri", "person"])
+            row = pred.image_uri.str.slice(2, 11).astype(np.int64).to_numpy()
+            sub = np.random.default_rng(1).choice(n, size=min(n, 200_000), replace=False)
+            truth = np.empty(n, np.int64)
+            truth[row] = np.arange(n)
+            person = pred.person.to_numpy()[truth[sub]]
+            p, r, f = bcubed(lab[sub], person)
+            print(f"N={n} ({variant}): wall {wall:.1f} s (load average {load:.1f} at start, "
+                  f"{os.getloadavg()[0]:.1f} at end), "
+                  f"CPU {mem.cpu_seconds:.0f} s (≈ {mem.cpu_seconds / 2:.0f} s wall on 2 idle cores), "
+                  f"peak RSS: driver {mem.driver / 2**30:.2f} GiB, largest process {mem.single / 2**30:.2f} GiB "
+                  f"({mem.private / 2**30:.2f} GiB less the object store's shared pages), "
+                  f"all {mem.peak / 2**30:.2f} GiB; people {pred.person.nunique()} vs {lab.max() + 1} true; "
+                  f"BCubed P {p:.4f} R {r:.4f} F {f:.4f}")
+            print(f"    largest workers by the task they ran: {mem.largest()}")
+            for line in steps:
+                print("   ", line.strip())
 
 
 def lookalike_faces(x: np.ndarray, df: pd.DataFrame, n: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -488,6 +495,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "faceray_people_bench"),
                     help="where the scored and synthetic tables are kept between runs")
     ap.add_argument("--skip-accuracy", action="store_true", help="scale runs only")
+    ap.add_argument("--keep-store-pages", action="store_true",
+                    help="run each scale size first with workers keeping the store pages they read, then as shipped")
     ap.add_argument("--lookalikes", type=int, metavar="N",
                     help="hide the real faces among N look-alike faces and compare the edge rules (only this step)")
     ap.add_argument("--forget", type=int, metavar="N",
@@ -511,7 +520,7 @@ def main() -> int:
         search(x, df)
     sizes = args.scale if args.scale is not None else ([100_000] if args.quick else [100_000, 1_000_000])
     if sizes:
-        scale(x, sizes, args.rule, work)
+        scale(x, sizes, args.rule, work, args.keep_store_pages)
         if not args.skip_accuracy:
             search_latency(x, max(sizes))
     return 0

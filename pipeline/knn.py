@@ -17,6 +17,8 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from pipeline.store_pages import releasing
+
 EXACT_MAX = 200_000          # flat search below this many faces (exact, and fast enough)
 TRAIN_PER_LIST = 40          # IVF training sample: this many vectors per inverted list
 QUERY_ROWS = 100_000         # query rows per search task
@@ -139,8 +141,8 @@ def knn_graph(x: np.ndarray, k: int, exact_max: int = EXACT_MAX, query_rows: int
     except ImportError:
         use_ray = False
     if use_ray:
-        shard_task = ray.remote(num_cpus=1)(_shard_index)
-        search_task = ray.remote(num_cpus=1, num_returns=2)(_search)
+        shard_task = ray.remote(num_cpus=1)(releasing(_shard_index))
+        search_task = ray.remote(num_cpus=1, num_returns=2)(releasing(_search))
         x_ref, trained_ref = ray.put(x), ray.put(trained)
         indexes = [shard_task.remote(trained_ref, x_ref, lo, hi) for lo, hi in db]
         refs = [[search_task.remote(ix, x_ref, lo, hi, k, nprobe) for ix in indexes] for lo, hi in qs]
@@ -242,7 +244,7 @@ def topk_refs(xs: list, masks: list, bounds: np.ndarray, k: int, finish: Callabl
     import ray
 
     def remote(fn, returns=1):
-        return ray.remote(num_cpus=1, max_retries=3, num_returns=returns)(fn)
+        return ray.remote(num_cpus=1, max_retries=3, num_returns=returns)(releasing(fn))
 
     counts = np.asarray(ray.get([remote(_masked_count).remote(m) for m in masks]), np.int64)
     n = int(counts.sum())

@@ -38,6 +38,7 @@ from pipeline import storage
 from pipeline.people.graph import gathered, shard_edges, split_big
 from pipeline.people.ids import person_numbers, person_strings
 from pipeline.people.output import PEOPLE_SCHEMA, publish
+from pipeline.store_pages import releasing
 from pipeline.table import embedding_matrix
 
 BATCH_NODES = 50_000      # faces per clustering task (whole components): small enough to keep every CPU busy
@@ -51,11 +52,13 @@ RETRIES = 3               # a task whose worker dies is run again (every task is
 
 def _remote(fn: Callable, returns: int = 1, spread: bool = False) -> Any:
     """``spread``: the heavy per-shard tasks (reading, clustering) go round the nodes (Ray's
-    SPREAD) so each node holds a share of the faces, rather than filling the driver's first."""
+    SPREAD) so each node holds a share of the faces, rather than filling the driver's first.
+    Each task gives back the store pages it read when it ends (``store_pages``): a worker's
+    RSS then stays its own memory however many shards it has read."""
     import ray
 
     return ray.remote(num_cpus=1, max_retries=RETRIES, num_returns=returns,
-                      scheduling_strategy="SPREAD" if spread else "DEFAULT")(fn)
+                      scheduling_strategy="SPREAD" if spread else "DEFAULT")(releasing(fn))
 
 
 def _count_true(m: np.ndarray) -> int:
