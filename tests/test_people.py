@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -104,6 +105,17 @@ def test_sharded_knn_equals_one_index():
     s2, i2, _ = knn.knn_graph(x, 8, query_rows=700, db_rows=1100)
     assert (i1 == i2).mean() > 0.999 and np.allclose(s1, s2, atol=1e-5)
     assert (i1[:, 0] == np.arange(len(x))).all()
+
+
+def test_index_bytes_are_faiss_own_serialisation():
+    """knn.to_bytes writes into an array of exactly the index's size: the same bytes as
+    faiss.serialize_index, and an index that searches the same once read back."""
+    x = np.random.default_rng(1).normal(size=(2000, 128)).astype(np.float32)
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(128))
+    index.add_with_ids(x, np.arange(2000, dtype=np.int64) * 3)
+    data = knn.to_bytes(index)
+    assert data.dtype == np.uint8 and np.array_equal(data, faiss.serialize_index(index))
+    assert np.array_equal(knn.from_bytes(data).search(x[:5], 3)[1], index.search(x[:5], 3)[1])
 
 
 def test_preassigned_lists_search_what_a_plain_ivf_search_finds(ray_cluster):
