@@ -11,7 +11,6 @@ heavy task that releases them at its end leaves its worker holding its own memor
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import sys
@@ -35,6 +34,14 @@ def store_mappings(maps_text: str) -> list[tuple[int, int]]:
     return spans
 
 
+@functools.cache
+def _madvise() -> Callable:
+    """libc's madvise, looked up once per process (every task calls it)."""
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
 def release_store_pages() -> int:
     """Drop this process's mapped pages of Ray's store; the bytes of the mappings released
     (0 off Linux, or where there is none).  Safe at any time: no data is lost."""
@@ -45,11 +52,9 @@ def release_store_pages() -> int:
             spans = store_mappings(f.read())
     except OSError:
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done = 0
     for start, length in spans:
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED) == 0:
+        if _madvise()(start, length, MADV_DONTNEED) == 0:
             done += length
     return done
 
